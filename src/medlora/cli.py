@@ -1,0 +1,147 @@
+"""`medlora` command line: prepare, inspect, train, eval, ask, build-tiny.
+
+Every subcommand takes `--config FILE.yaml` plus flags named after the dataclass fields in
+`medlora.config` (Hugging Face names for training: --output_dir, --max_steps, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from medlora.config import (ConfigError, DataArguments, EvalArguments, LoraArguments, MedloraError,
+                            ModelArguments, PrepareArguments, RunArguments, main_guard, parse_config, validate)
+
+USAGE = """usage: medlora <command> [--config FILE.yaml] [--flag value ...]
+
+commands:
+  prepare     validate, clean, split and save MedMCQA data (Arrow) with statistics
+  inspect     show tokenised training examples with the loss mask (debug view)
+  train       LoRA fine-tuning (TRL SFTTrainer + PEFT); writes adapter/ and metrics.json
+  eval        MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json
+  ask         answer one question with the exact training prompt
+  build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
+
+`medlora <command> --help` lists the flags of a command."""
+
+
+def _sections_help(argv: Sequence[str], sections, prog: str) -> None:
+    if "-h" in argv or "--help" in argv:
+        from transformers import HfArgumentParser
+
+        HfArgumentParser(sections, prog=prog).print_help()
+        sys.exit(0)
+
+
+def cmd_train(argv: Sequence[str]) -> None:
+    from trl import SFTConfig
+
+    sections = (ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig)
+    _sections_help(argv, sections, "medlora train")
+    model, lora, data, run, train_args = parse_config(argv, sections, "medlora train")
+    from medlora.train import train
+
+    train(model, lora, data, run, train_args)
+
+
+def cmd_eval(argv: Sequence[str]) -> None:
+    sections = (ModelArguments, DataArguments, EvalArguments)
+    _sections_help(argv, sections, "medlora eval")
+    model_args, data_args, eval_args = parse_config(argv, sections, "medlora eval")
+    validate(model=model_args, data=data_args)
+    from medlora.evaluate_cli import run_eval
+
+    run_eval(model_args, data_args, eval_args)
+
+
+def cmd_prepare(argv: Sequence[str]) -> None:
+    sections = (ModelArguments, DataArguments, PrepareArguments)
+    _sections_help(argv, sections, "medlora prepare")
+    model_args, data_args, prep_args = parse_config(argv, sections, "medlora prepare")
+    validate(model=model_args, data=data_args)
+    from medlora.prepare import prepare
+
+    prepare(model_args, data_args, prep_args)
+
+
+def cmd_inspect(argv: Sequence[str]) -> None:
+    argv = list(argv)
+    n = 3
+    if "--num_examples" in argv:
+        i = argv.index("--num_examples")
+        n = int(argv[i + 1])
+        del argv[i : i + 2]
+    sections = (ModelArguments, DataArguments)
+    _sections_help(argv, sections, "medlora inspect")
+    model_args, data_args = parse_config(argv, sections, "medlora inspect")
+    validate(model=model_args, data=data_args)
+    from medlora.model import load_tokenizer
+    from medlora.train import format_options, load_training_data
+    from medlora.formatting import encode_example, render_example
+
+    tokenizer = load_tokenizer(model_args)
+    options = format_options(data_args)
+    rows = load_training_data(data_args).train_rows
+    for row in rows[:n]:
+        example = encode_example(tokenizer, row, options)
+        trained = sum(example["completion_mask"])
+        print(f"--- {row['id']} ({row['source']}:{row['line']}): {len(example['input_ids'])} tokens, {trained} trained")
+        print(render_example(tokenizer, example))
+        print("trained ids:", [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m])
+
+
+def cmd_ask(argv: Sequence[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="medlora ask", add_help=False)
+    parser.add_argument("question")
+    parser.add_argument("--options", nargs=4, required=True, metavar=("A", "B", "C", "D"))
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    if argv and argv[0] in ("-h", "--help"):
+        parser.print_help()
+        sys.exit(0)
+    known, rest = parser.parse_known_args(argv)
+    model_args, data_args = parse_config(rest, (ModelArguments, DataArguments), "medlora ask")
+    validate(model=model_args, data=data_args)
+    import json
+
+    from medlora.evaluate import answer
+    from medlora.evaluate_cli import load_for_eval
+    from medlora.train import format_options
+
+    model, tokenizer = load_for_eval(model_args, known.adapter)
+    row = {"question": known.question, **dict(zip(("opa", "opb", "opc", "opd"), known.options)), "id": "ask"}
+    result = answer(model, tokenizer, row, format_options(data_args), known.max_new_tokens)
+    print(result["prompt"])
+    print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
+
+
+def cmd_build_tiny(argv: Sequence[str]) -> None:
+    out = argv[0] if argv else ModelArguments().tiny_cache_dir
+    from medlora.model import build_tiny_model
+
+    print(build_tiny_model(Path(out)))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
+            "ask": cmd_ask, "build-tiny": cmd_build_tiny}
+
+
+@main_guard
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}")
+    command(argv[1:])
+
+
+__all__ = ["main", "MedloraError"]
+
+if __name__ == "__main__":
+    main()

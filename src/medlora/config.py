@@ -1,0 +1,299 @@
+"""Configuration: dataclasses that are both YAML keys and CLI flags (TRL / alignment-handbook style).
+
+`parse_config(argv, sections)` reads `--config FILE.yaml`, then the flags; flags win. Every YAML key
+must name a field of one of the sections (a typo is refused with a suggestion), and values are
+type-checked by the same argparse types as the flags, with the file named in the message.
+Training arguments are TRL's own `SFTConfig`, so `--output_dir`, `--max_steps`, `--save_steps`,
+`--seed`, `--per_device_train_batch_size`, ... mean exactly what they mean in Transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+TINY_MODEL = "tiny"
+REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
+BACKENDS = ("hf",)
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the file or option. Printed without a traceback."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=TINY_MODEL,
+        metadata={"help": f"Hub id (e.g. {REAL_MODEL}), local dir, or 'tiny' (random tiny Nemotron-H, built offline)."},
+    )
+    torch_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU, else fp32), bfloat16, float32"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2"})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "MoE experts kernel: eager, batched_mm, grouped_mm (default: transformers')"}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 base weights (CUDA + bitsandbytes)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    tiny_cache_dir: str = field(default="outputs/tiny-nemotron-h", metadata={"help": "where 'tiny' is built"})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
+        metadata={"help": "nn.Linear names: attention q/k/v/o, Mamba in_proj, shared-expert up/down"},
+    )
+    lora_target_parameters: list[str] = field(
+        default_factory=lambda: ["experts.up_proj", "experts.down_proj"],
+        metadata={"help": "fused 3-D routed-expert parameters (PEFT target_parameters); pass [] to leave them frozen"},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="data/sample/medmcqa_sample.jsonl",
+        metadata={"help": "openlifescienceai/medmcqa, a .jsonl/.json/.parquet/.csv file, or a `medlora prepare` dir",
+                  "aliases": ["--data"]},
+    )
+    eval_data_path: str | None = field(
+        default=None, metadata={"help": "separate eval file or hub id; default: split eval_fraction off data_path"}
+    )
+    train_split: str = field(default="train", metadata={"help": "hub split for training"})
+    eval_split: str = field(default="validation", metadata={"help": "hub split for evaluation"})
+    cop_base: str = field(default="auto", metadata={"help": "answer numbering: auto, 0 (hub, 0-3) or 1 (official, 1-4)"})
+    skip_invalid: bool = field(default=False, metadata={"help": "keep valid rows, write skipped.jsonl, go on"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of questions held out for eval"})
+    split_seed: int = field(default=1234, metadata={"help": "seed of the stratified split"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training rows"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use at most this many eval rows"})
+    style: str = field(default="plain", metadata={"help": "plain (lm-eval medmcqa prompt) or chat (chat template)"})
+    include_option_text: bool = field(default=True, metadata={"help": "train on 'A. <option>' rather than 'A'"})
+    include_explanation: bool = field(default=False, metadata={"help": "append the row's explanation to the answer"})
+    add_bos_token: bool = field(default=False, metadata={"help": "prepend BOS (lm-eval's HF default is no BOS)"})
+
+
+@dataclass
+class RunArguments:
+    backend: str = field(default="hf", metadata={"help": "hf (Transformers + PEFT + TRL) or unsloth"})
+    eval_accuracy_samples: int = field(
+        default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
+    )
+    audit: bool = field(default=True, metadata={"help": "label-mask and gradient-flow audits before step 1"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds a run"})
+    eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass when scoring"})
+
+
+@dataclass
+class EvalArguments:
+    adapter: str | None = field(default=None, metadata={"help": "adapter dir; omit to evaluate the base model"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N questions"})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "where predictions.jsonl and summary.json go"})
+    compare_base: bool = field(default=False, metadata={"help": "with --adapter, also score the base model"})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% interval"})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing predictions/summary"})
+    eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass"})
+
+
+@dataclass
+class PrepareArguments:
+    output_dir: str = field(default="outputs/prepared", metadata={"help": "where the Arrow splits go"})
+    test_fraction: float = field(default=0.0, metadata={"help": "share of questions for a test split"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing prepared dataset"})
+
+
+def _field_map(sections: Sequence[type]) -> dict[str, tuple[type, dataclasses.Field]]:
+    fields = {}
+    for section in sections:
+        for f in dataclasses.fields(section):
+            if f.init:
+                fields[f.name] = (section, f)
+    return fields
+
+
+class _Parser:
+    """HfArgumentParser whose errors raise ConfigError instead of printing usage and exiting."""
+
+    def __init__(self, sections: Sequence[type], prog: str, where: str):
+        from transformers import HfArgumentParser
+
+        where_ = where
+
+        class Parser(HfArgumentParser):
+            def error(self, message: str):  # argparse calls this for every bad flag or value
+                raise ConfigError(f"{where_}: {message}")
+
+        self.parser = Parser(sections, prog=prog)
+
+
+def _parse(sections: Sequence[type], prog: str, where: str, argv: list[str]) -> tuple:
+    try:
+        return _Parser(sections, prog, where).parser.parse_args_into_dataclasses(argv)
+    except (ValueError, TypeError) as err:  # raised by the dataclasses' own __post_init__ checks
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *[str(v) for v in value]] if value else []
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def load_yaml(path: str, sections: Sequence[type]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        config = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping of option: value, got {type(config).__name__}")
+    known = _field_map(sections)
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+    return config
+
+
+def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str = "medlora") -> tuple:
+    """Parse `--config FILE` and flags into one instance per section (flags override the file)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path")
+        config_path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    file_argv = _yaml_to_argv(load_yaml(config_path, sections)) if config_path else []
+    given = {a[2:].split("=")[0] for a in file_argv + argv if a.startswith("--")}
+    extra = _device_defaults(sections, given)
+    # Check the file's values alone first, so a wrong type is reported against the file.
+    if file_argv:
+        _parse(sections, prog, config_path, extra + file_argv)
+    parsed = _parse(sections, prog, "command line", extra + file_argv + argv)
+    return tuple(parsed)
+
+
+def _device_defaults(sections: Sequence[type], given: set[str]) -> list[str]:
+    """bf16 and 8-bit AdamW where the hardware supports them, unless the user chose."""
+    from trl import SFTConfig
+
+    if SFTConfig not in sections:
+        return []
+    import torch
+
+    cuda = torch.cuda.is_available()
+    argv = []
+    if "bf16" not in given:
+        argv += ["--bf16", "true" if cuda and torch.cuda.is_bf16_supported() else "false"]
+    if "optim" not in given:
+        argv += ["--optim", "adamw_bnb_8bit" if cuda else "adamw_torch"]
+    if "use_cpu" not in given and not cuda:
+        argv += ["--use_cpu", "true"]
+    return argv
+
+
+def validate(model: ModelArguments | None = None, lora: LoraArguments | None = None,
+             data: DataArguments | None = None, run: RunArguments | None = None, train: Any = None) -> None:
+    """Semantic checks that types alone cannot express; each message names the option."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    if model is not None:
+        need(model.torch_dtype in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
+             f"--torch_dtype: unknown dtype {model.torch_dtype!r}")
+        need(model.experts_implementation in (None, "eager", "batched_mm", "grouped_mm"),
+             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {model.experts_implementation!r}")
+    if lora is not None:
+        need(lora.lora_r > 0, f"--lora_r must be positive, got {lora.lora_r}")
+        need(lora.lora_alpha > 0, f"--lora_alpha must be positive, got {lora.lora_alpha}")
+        need(0 <= lora.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {lora.lora_dropout}")
+        need(bool(lora.lora_target_modules or lora.lora_target_parameters), "no LoRA targets given")
+        forbidden = {"out_proj", "conv1d"} & {t.split(".")[-1] for t in lora.lora_target_modules}
+        need(not forbidden, f"--lora_target_modules: {sorted(forbidden)} cannot be LoRA targets on nemotron_h "
+             "(the fused Mamba2 kernel reads out_proj.weight directly and conv1d is depthwise; see AGENTS.md)")
+    if data is not None:
+        need(data.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {data.style!r}")
+        need(data.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {data.cop_base!r}")
+        need(0 < data.eval_fraction < 1, f"--eval_fraction must be in (0, 1), got {data.eval_fraction}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(data, name)
+            need(value is None or value > 0, f"--{name} must be positive, got {value}")
+    if run is not None:
+        need(run.backend in BACKENDS, f"--backend must be one of {BACKENDS}, got {run.backend!r}")
+        need(run.eval_accuracy_samples >= 0, "--eval_accuracy_samples must be >= 0")
+        need(run.eval_batch_size > 0, "--eval_batch_size must be positive")
+    if train is not None:
+        need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
+        need(train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive")
+        need(train.learning_rate > 0, f"--learning_rate must be positive, got {train.learning_rate}")
+        need(train.max_length is None or train.max_length > 16, f"--max_length too small: {train.max_length}")
+        need(not train.packing, "--packing: samples packed into one row would leak into each other through "
+             "NemotronH's Mamba2 state and convolution (transformers' path has no sequence boundaries); "
+             "leave it off (padding is per batch)")
+
+
+def to_dict(*sections: Any) -> dict[str, Any]:
+    """A JSON-safe dict of the resolved configuration (secrets masked by TrainingArguments.to_dict)."""
+    out: dict[str, Any] = {}
+    for obj in sections:
+        if obj is None:
+            continue
+        data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        out[type(obj).__name__] = json.loads(json.dumps(data, default=str))
+    return out
+
+
+def main_guard(func):
+    """Turn expected errors into one clear line on stderr and exit code 2 (no traceback)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from medlora.data import DataError
+        from medlora.formatting import FormattingError
+
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, DataError, FormattingError, MedloraError) as err:
+            print(f"medlora: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+class MedloraError(RuntimeError):
+    """A failure the user can act on (audit failed, output exists, model unreachable, ...)."""
+

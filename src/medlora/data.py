@@ -1,0 +1,455 @@
+"""MedMCQA data: load (hub or local file), validate, clean, deduplicate, split, check leakage.
+
+Rows leave this module in one canonical shape: ``cop`` is 0-3 (A-D) as in the Hugging Face copy
+and lm-evaluation-harness, every text field is a cleaned ``str``, and every row carries ``source``
+and ``line`` so any later message can point back at the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from medlora.formatting import LETTERS, OPTION_FIELDS
+
+HUB_DATASET = "openlifescienceai/medmcqa"
+REQUIRED_FIELDS = ("question", *OPTION_FIELDS, "cop")
+OPTIONAL_FIELDS = ("id", "exp", "subject_name", "topic_name", "choice_type")
+KNOWN_FIELDS = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
+TEXT_FIELDS = ("question", *OPTION_FIELDS)
+LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv"}
+MAX_FIELD_CHARS = 20_000  # the longest real MedMCQA field is < 3,000 characters
+SHOW_FIRST = 10  # bad rows listed one by one before the rest are only counted
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, line and field. Printed without a traceback."""
+
+
+@dataclass
+class RowIssue:
+    source: str
+    line: int
+    field: str
+    reason: str
+    row: Any = None
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: field '{self.field}': {self.reason}"
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows_read: int = 0
+    cop_numbering: str = ""
+    issues: list[RowIssue] = field(default_factory=list)
+    ignored_fields: Counter = field(default_factory=Counter)
+    duplicates_removed: int = 0
+    cleaned_rows: int = 0
+    ambiguous_rows: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: read {self.rows_read} rows, cop numbering {self.cop_numbering}"]
+        if self.issues:
+            parts.append(f"{len(self.issues)} invalid rows skipped")
+        if self.duplicates_removed:
+            parts.append(f"{self.duplicates_removed} exact duplicates removed")
+        if self.cleaned_rows:
+            parts.append(f"{self.cleaned_rows} rows had whitespace/unicode normalised")
+        if self.ambiguous_rows:
+            parts.append(f"{self.ambiguous_rows} rows whose correct option text also appears as another option")
+        if self.ignored_fields:
+            parts.append("ignored fields: " + ", ".join(f"{k} ({v} rows)" for k, v in self.ignored_fields.items()))
+        return "; ".join(parts)
+
+
+def format_issues(issues: list[RowIssue], what: str = "invalid rows") -> str:
+    lines = [f"{len(issues)} {what}:"]
+    lines += [f"  {issue}" for issue in issues[:SHOW_FIRST]]
+    if len(issues) > SHOW_FIRST:
+        lines.append(f"  ... and {len(issues) - SHOW_FIRST} more")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it rather than corrupt field 1
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}: {err.reason})") from None
+
+
+def _read_json_lines(path: Path, text: str) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    rows, issues = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines carry no row
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            issues.append(RowIssue(str(path), number, "-", f"not valid JSON ({err.msg} at column {err.colno})", line))
+            continue
+        rows.append((number, obj))
+    return rows, issues
+
+
+def _line_numbers_of_array(text: str) -> list[int]:
+    """Line on which each top-level element of a JSON array starts (for messages)."""
+    decoder = json.JSONDecoder()
+    idx = text.index("[") + 1
+    lines = []
+    while True:
+        while idx < len(text) and text[idx] in " \t\r\n,":
+            idx += 1
+        if idx >= len(text) or text[idx] == "]":
+            return lines
+        lines.append(text.count("\n", 0, idx) + 1)
+        _, idx = decoder.raw_decode(text, idx)
+
+
+def read_raw_rows(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    """(line, object) pairs from a local file, plus rows that could not even be parsed."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass a .jsonl/.json/.parquet/.csv file or a prepared dataset dir")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: cannot read Parquet ({err})") from None
+        return [(i + 1, row) for i, row in enumerate(table.to_pylist())], []
+    text = _decode(path)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}:1: CSV header lacks column(s) {missing}; header is {reader.fieldnames}")
+        # DictReader's line_num is the physical line where the row ended
+        return [(reader.line_num, dict(row)) for row in reader], []
+    stripped = text.lstrip()
+    if suffix == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        return list(zip(_line_numbers_of_array(text), data)), []
+    # .jsonl, or .json holding JSON lines (as the official MedMCQA files do)
+    return _read_json_lines(path, text)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def clean_text(value: str) -> str:
+    """NFC unicode, no control characters, runs of spaces collapsed, ends stripped. Newlines kept."""
+    value = unicodedata.normalize("NFC", value)
+    value = "".join(ch for ch in value if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    value = re.sub(r"[ \t\u00a0]+", " ", value)
+    value = re.sub(r" *\n *", "\n", value)
+    return value.strip()
+
+
+def normalise_key(text: str) -> str:
+    """Comparison key: case, punctuation and spacing ignored."""
+    return re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def _parse_cop(value: Any, from_text: bool) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if from_text and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def detect_cop_base(values: Iterable[int], source: str, cop_base: str) -> tuple[int, str]:
+    """0 for hub numbering (0-3), 1 for the official files (1-4). Never a silent guess."""
+    if cop_base in ("0", "1"):
+        base = int(cop_base)
+        return base, ("0-3 (hub; set by cop_base)" if base == 0 else "1-4 (official; set by cop_base)")
+    if cop_base != "auto":
+        raise DataError(f"cop_base must be 'auto', '0' or '1', got {cop_base!r}")
+    seen = set(values)
+    if 0 in seen and 4 in seen:
+        raise DataError(
+            f"{source}: field 'cop' mixes 0 and 4, i.e. both numberings (0-3 and 1-4); fix the file or set cop_base"
+        )
+    if 0 in seen:
+        return 0, "0-3 (hub; detected: a cop of 0 occurs)"
+    if 4 in seen:
+        return 1, "1-4 (official; detected: a cop of 4 occurs)"
+    raise DataError(
+        f"{source}: field 'cop' only holds values in 1-3, so it cannot tell the official numbering (1-4) from the "
+        "hub's (0-3); set cop_base to 1 or 0 (--cop_base)"
+    )
+
+
+def validate_rows(
+    raw: list[tuple[int, Any]],
+    source: str,
+    cop_base: str = "auto",
+    ambiguous_is_error: bool = True,
+    from_text: bool = False,
+) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Check every row; return the valid ones (cleaned, cop 0-3) and a report holding the rest."""
+    report = LoadReport(source=source, rows_read=len(raw))
+    candidates = []
+    for line, obj in raw:
+        if not isinstance(obj, dict):
+            report.issues.append(RowIssue(source, line, "-", f"row is a {type(obj).__name__}, not an object", obj))
+            continue
+        problem = None
+        for name in REQUIRED_FIELDS:
+            if name not in obj:
+                problem = (name, "missing")
+                break
+            value = obj[name]
+            if value is None:
+                problem = (name, "is null")
+                break
+            if name == "cop":
+                if _parse_cop(value, from_text) is None:
+                    problem = (name, f"must be an integer, got {type(value).__name__} {value!r}")
+                    break
+            elif not isinstance(value, str):
+                problem = (name, f"must be a string, got {type(value).__name__}")
+                break
+            elif not value.strip():
+                problem = (name, "is empty")
+                break
+            elif len(value) > MAX_FIELD_CHARS:
+                problem = (name, f"is {len(value):,} characters long (limit {MAX_FIELD_CHARS:,})")
+                break
+        if problem is None:
+            for name in OPTIONAL_FIELDS:
+                value = obj.get(name)
+                if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+                    problem = (name, f"must be a string or null, got {type(value).__name__}")
+                    break
+        if problem:
+            report.issues.append(RowIssue(source, line, problem[0], problem[1], obj))
+            continue
+        for name in obj:
+            if name not in KNOWN_FIELDS:
+                report.ignored_fields[name] += 1
+        candidates.append((line, obj))
+
+    if not candidates:
+        if report.issues:
+            raise DataError(f"{source}: no valid rows.\n" + format_issues(report.issues))
+        raise DataError(f"{source}: holds no rows")
+    base, report.cop_numbering = detect_cop_base(
+        (_parse_cop(o["cop"], from_text) for _, o in candidates), source, cop_base
+    )
+
+    rows, seen_ids, seen_content = [], {}, {}
+    for line, obj in candidates:
+        cop = _parse_cop(obj["cop"], from_text) - base
+        if not 0 <= cop <= 3:
+            allowed = "0-3" if base == 0 else "1-4"
+            report.issues.append(
+                RowIssue(source, line, "cop", f"{obj['cop']!r} is outside {allowed} ({report.cop_numbering})", obj)
+            )
+            continue
+        row = {name: clean_text(obj[name]) for name in TEXT_FIELDS}
+        if any(row[name] != obj[name] for name in TEXT_FIELDS):
+            report.cleaned_rows += 1
+        row["cop"] = cop
+        for name in ("exp", "subject_name", "topic_name", "choice_type"):
+            value = obj.get(name)
+            row[name] = clean_text(str(value)) if value not in (None, "") else None
+        row["subject_name"] = row["subject_name"] or "Unknown"
+        row["id"] = str(obj["id"]) if obj.get("id") not in (None, "") else f"{Path(source).name}:{line}"
+        row["source"], row["line"] = source, line
+
+        option_keys = [normalise_key(row[name]) for name in OPTION_FIELDS]
+        if len(set(option_keys)) == 1:
+            report.issues.append(RowIssue(source, line, "opa-opd", "all four options are identical", obj))
+            continue
+        row["ambiguous"] = option_keys.count(option_keys[cop]) > 1
+        if row["ambiguous"]:
+            if ambiguous_is_error:
+                twin = LETTERS[[i for i, k in enumerate(option_keys) if k == option_keys[cop] and i != cop][0]]
+                report.issues.append(
+                    RowIssue(
+                        source, line, OPTION_FIELDS[cop],
+                        f"the correct option ({LETTERS[cop]}) has the same text as option {twin}; the answer is ambiguous",
+                        obj,
+                    )
+                )
+                continue
+            report.ambiguous_rows += 1
+        if row["id"] in seen_ids:
+            report.issues.append(
+                RowIssue(source, line, "id", f"duplicate id {row['id']!r} (first on line {seen_ids[row['id']]})", obj)
+            )
+            continue
+        seen_ids[row["id"]] = line
+        content = (normalise_key(row["question"]), *option_keys)
+        if content in seen_content:
+            first = seen_content[content]
+            if first["cop"] != cop:
+                report.issues.append(
+                    RowIssue(
+                        source, line, "cop",
+                        f"same question and options as line {first['line']} but a different answer "
+                        f"({LETTERS[cop]} vs {LETTERS[first['cop']]})",
+                        obj,
+                    )
+                )
+            else:
+                report.duplicates_removed += 1
+            continue
+        seen_content[content] = row
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{source}: no valid rows.\n" + format_issues(report.issues))
+    return rows, report
+
+
+def load_medmcqa(
+    source: str,
+    split: str = "train",
+    cop_base: str = "auto",
+    skip_invalid: bool = False,
+    ambiguous_is_error: bool = True,
+) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Rows from a local file or the hub dataset `openlifescienceai/medmcqa` (split `train`/`validation`).
+
+    Strict by default: any invalid row raises `DataError` listing file, line and field.
+    With `skip_invalid` the valid rows are returned and the report holds the skipped ones.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raw, parse_issues = read_raw_rows(path)
+        from_text = path.suffix.lower() == ".csv"
+        name = str(path)
+    else:
+        raw, parse_issues = _load_hub_rows(source, split), []
+        from_text = False
+        name = f"{source}[{split}]"
+        if cop_base == "auto" and source == HUB_DATASET:
+            cop_base = "0"  # the hub copy numbers cop 0-3: known, not guessed
+    try:
+        rows, report = validate_rows(raw, name, cop_base, ambiguous_is_error, from_text)
+    except DataError as err:
+        if parse_issues:
+            raise DataError(f"{err}\n{format_issues(parse_issues, 'unparseable lines')}") from None
+        raise
+    report.issues[:0] = parse_issues
+    report.rows_read += len(parse_issues)
+    if report.issues and not skip_invalid:
+        raise DataError(
+            f"{name}: {format_issues(report.issues)}\n"
+            "Fix these rows, or pass --skip_invalid to train on the valid rows and list the rest in skipped.jsonl."
+        )
+    return rows, report
+
+
+def _load_hub_rows(dataset_id: str, split: str) -> list[tuple[int, Any]]:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(dataset_id, split=split)
+    except Exception as err:  # offline, unknown id, or missing split
+        raise DataError(
+            f"cannot load dataset {dataset_id!r} (split {split!r}) from the Hugging Face Hub: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "Offline? Point --data_path at a local .jsonl/.json/.parquet/.csv file instead "
+            "(e.g. data/sample/medmcqa_sample.jsonl)."
+        ) from None
+    return [(i + 1, row) for i, row in enumerate(data)]
+
+
+def write_skipped(report: LoadReport, output_dir: Path) -> Path | None:
+    """skipped.jsonl: one object per skipped row with its source, line, field and reason."""
+    if not report.issues:
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "skipped.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for issue in report.issues:
+            row = issue.row if isinstance(issue.row, (dict, list, str, int, float)) else repr(issue.row)
+            record = {"source": issue.source, "line": issue.line, "field": issue.field, "reason": issue.reason}
+            fh.write(json.dumps(record | {"row": row}, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def split_rows(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int, test_fraction: float = 0.0
+) -> dict[str, list[dict[str, Any]]]:
+    """Stratified by subject; rows sharing a normalised question stem always land in one split."""
+    if not 0 < eval_fraction < 1 or not 0 <= test_fraction < 1 or eval_fraction + test_fraction >= 1:
+        raise DataError(f"split fractions must be in (0, 1) and sum below 1: eval={eval_fraction} test={test_fraction}")
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[row["subject_name"]][normalise_key(row["question"])].append(row)
+    rng = random.Random(seed)
+    splits: dict[str, list] = {"train": [], "eval": [], "test": []}
+    for subject in sorted(groups):
+        stems = sorted(groups[subject])
+        rng.shuffle(stems)
+        n = len(stems)
+        n_eval = max(1, round(n * eval_fraction)) if n >= 2 else 0
+        n_test = max(1, round(n * test_fraction)) if test_fraction and n - n_eval >= 2 else 0
+        for i, stem in enumerate(stems):
+            target = "eval" if i < n_eval else "test" if i < n_eval + n_test else "train"
+            splits[target].extend(groups[subject][stem])
+    if not test_fraction:
+        del splits["test"]
+    for name, part in splits.items():
+        if not part:
+            raise DataError(f"split '{name}' is empty: {len(rows)} rows are too few for these fractions")
+    check_leakage(splits)
+    return splits
+
+
+def check_leakage(splits: dict[str, list[dict[str, Any]]]) -> None:
+    """Fail loudly if a normalised question text occurs in more than one split."""
+    owner: dict[str, str] = {}
+    leaks = []
+    for name, part in splits.items():
+        for row in part:
+            key = normalise_key(row["question"])
+            if key in owner and owner[key] != name:
+                leaks.append(f"  {row['source']}:{row['line']} ({name}) repeats a question of split '{owner[key]}'")
+            owner.setdefault(key, name)
+    if leaks:
+        raise DataError(f"{len(leaks)} questions leak between splits:\n" + "\n".join(leaks[:SHOW_FIRST]))
+
+
+def letter_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts = Counter(LETTERS[r["cop"]] for r in rows)
+    return {letter: counts.get(letter, 0) for letter in LETTERS}

@@ -1,0 +1,167 @@
+"""Evaluation stage: MedMCQA accuracy by log-likelihood of the answer letter after the prompt.
+
+With the `plain` style this is lm-evaluation-harness' `medmcqa` task (0-shot, `acc`): the four
+continuations " A" .. " D" are scored by summed log-probability after `doc_to_text`, and the
+argmax is the prediction. The same `medlora.formatting` functions build the training examples.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from medlora.formatting import LETTERS, FormatOptions, build_prompt, encode_choices, stop_token_ids
+
+
+@torch.no_grad()
+def score_rows(
+    model, tokenizer, rows: list[dict[str, Any]], options: FormatOptions, batch_size: int = 8
+) -> list[dict[str, Any]]:
+    """Per row: gold, pred and the log-probability of each letter's continuation."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    encoded = [encode_choices(tokenizer, row, options) for row in rows]
+    # One sequence per (row, letter) unless every letter is one token: then one forward per row suffices.
+    requests = []  # (row index, letter indices, token ids, continuation lengths)
+    for i, (context, conts) in enumerate(encoded):
+        if all(len(c) == 1 for c in conts):
+            requests.append((i, list(range(4)), context, [conts]))
+        else:
+            for j, cont in enumerate(conts):
+                requests.append((i, [j], context + cont, [[cont]]))
+    scores = [[0.0] * 4 for _ in rows]
+    order = sorted(range(len(requests)), key=lambda k: -len(requests[k][2]))  # similar lengths together
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        batch = [requests[k] for k in order[start : start + batch_size]]
+        width = max(len(r[2]) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, (_, _, seq, _) in enumerate(batch):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for b, (row_idx, letters, seq, conts) in enumerate(batch):
+            if len(letters) == 4:  # single-token letters: all four read at the last context position
+                position = len(seq) - 1
+                for j in letters:
+                    scores[row_idx][j] = logprobs[b, position, conts[0][j][0]].item()
+            else:
+                cont = conts[0][0]
+                first = len(seq) - len(cont)
+                targets = torch.tensor(cont, device=logprobs.device)
+                picked = logprobs[b, first - 1 : len(seq) - 1].gather(-1, targets[:, None])
+                scores[row_idx][letters[0]] = picked.sum().item()
+    if was_training:
+        model.train()
+    results = []
+    for row, letter_scores in zip(rows, scores):
+        pred = max(range(4), key=lambda j: letter_scores[j])
+        results.append({
+            "id": row["id"],
+            "subject": row.get("subject_name") or "Unknown",
+            "gold": LETTERS[row["cop"]],
+            "pred": LETTERS[pred],
+            "correct": pred == row["cop"],
+            "logprobs": dict(zip(LETTERS, (round(s, 5) for s in letter_scores))),
+            **({"ambiguous": True} if row.get("ambiguous") else {}),
+        })
+    return results
+
+
+def bootstrap_ci(correct: list[bool], samples: int = 1000, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile 95 % interval of the mean accuracy."""
+    if not correct or samples <= 0:
+        return (None, None)
+    rng = random.Random(seed)
+    n = len(correct)
+    means = sorted(sum(correct[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return (means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))])
+
+
+def summarise(predictions: list[dict[str, Any]], bootstrap_samples: int = 1000) -> dict[str, Any]:
+    correct = [p["correct"] for p in predictions]
+    n = len(correct)
+    by_subject: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_subject[p["subject"]].append(p["correct"])
+    gold = Counter(p["gold"] for p in predictions)
+    majority_letter, majority_count = gold.most_common(1)[0] if gold else ("A", 0)
+    low, high = bootstrap_ci(correct, bootstrap_samples)
+    return {
+        "accuracy": sum(correct) / n if n else float("nan"),
+        "n": n,
+        "ci95": [low, high],
+        "majority_letter": majority_letter,
+        "majority_baseline": majority_count / n if n else float("nan"),
+        "chance": 0.25,
+        "gold_letters": {x: gold.get(x, 0) for x in LETTERS},
+        "pred_letters": {x: sum(p["pred"] == x for p in predictions) for x in LETTERS},
+        "ambiguous": sum(bool(p.get("ambiguous")) for p in predictions),
+        "per_subject": {
+            s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(by_subject.items())
+        },
+    }
+
+
+def shard(rows: list, rank: int, world_size: int) -> list:
+    return rows[rank::world_size]
+
+
+def distributed_score(model, tokenizer, rows, options, batch_size=8) -> list[dict[str, Any]]:
+    """Each rank scores its shard; every rank gets all predictions back, in the original order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return score_rows(model, tokenizer, rows, options, batch_size)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = score_rows(model, tokenizer, shard(rows, rank, world), options, batch_size)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    merged: list[Any] = [None] * len(rows)
+    for r, part in enumerate(gathered):
+        merged[r::world] = part
+    return merged
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def answer(model, tokenizer, row: dict[str, Any], options: FormatOptions, max_new_tokens: int = 64) -> dict[str, Any]:
+    """`medlora ask`: letter scores and a greedy completion from the exact training prompt."""
+    scored = score_rows(model, tokenizer, [row | {"cop": 0, "id": "ask"}], options)[0]
+    context_ids, _ = encode_choices(tokenizer, row | {"cop": 0}, options)
+    device = next(p.device for p in model.parameters())
+    ids = torch.tensor([context_ids], device=device)
+    model.eval()
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=stop_token_ids(tokenizer, options), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    probs = torch.softmax(torch.tensor(list(scored["logprobs"].values())), dim=0).tolist()
+    return {
+        "prompt": build_prompt(row, options, tokenizer),
+        "letter": scored["pred"],
+        "letter_probabilities": dict(zip(LETTERS, (round(p, 4) for p in probs))),
+        "generated": text,
+    }

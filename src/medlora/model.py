@@ -1,0 +1,263 @@
+"""Model stage: load Nemotron-H (hub id, local dir or the offline tiny build) and wrap it with LoRA.
+
+The tiny model is a real `NemotronHForCausalLM` with all three layer kinds (Mamba2 `M`, MoE `E`,
+attention `*`) at toy width, random weights, and a byte-level BPE tokenizer trained on the spot.
+It is written with `save_pretrained` and read back with `from_pretrained`, so the offline default
+runs the same loading code as the 30B model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medlora.config import TINY_MODEL, ConfigError, LoraArguments, MedloraError, ModelArguments
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# ChatML, as Nemotron-3-Nano's template renders a conversation with reasoning off (simplified).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_CONFIG = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    layers_block_type=["mamba", "moe", "mamba", "attention", "moe", "mamba"],  # M E M * E M
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    ssm_state_size=16,
+    n_groups=2,
+    chunk_size=32,
+    conv_kernel=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=64,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+_LAYER_NAMES = {"mamba": "linear_attention", "attention": "full_attention", "moe": "moe", "mlp": "mlp"}
+
+
+def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
+    cfg = {**TINY_CONFIG, **overrides}
+    cfg["layers_block_type"] = [_LAYER_NAMES.get(t, t) for t in cfg["layers_block_type"]]
+    return cfg
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text for the tiny tokenizer: the committed sample questions plus prompt scaffolding."""
+    from medlora.formatting import LETTERS
+
+    texts = []
+    sample = Path(__file__).resolve().parents[2] / "data" / "sample" / "medmcqa_sample.jsonl"
+    if sample.exists():
+        for line in sample.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts.append(" ".join(str(row.get(k) or "") for k in ("question", "opa", "opb", "opc", "opd", "exp")))
+    scaffold = "Question: Choices:\n" + "".join(f"{x}. \n" for x in LETTERS) + "Answer:"
+    texts += [scaffold] * 50 + [f"Answer: {x}. Explanation:" for x in LETTERS] * 50
+    return texts
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_CONFIG["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def _spec_hash(config: dict[str, Any], seed: int) -> str:
+    blob = json.dumps({"config": config, "seed": seed, "corpus": _tokenizer_corpus()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random tiny Nemotron-H + tokenizer to `output_dir` (atomically; reused if current)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    output_dir = Path(output_dir)
+    config = tiny_config_dict(**overrides)
+    stamp = _spec_hash(config, seed)
+    marker = output_dir / "medlora_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == stamp:
+        return output_dir
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
+    try:
+        torch.manual_seed(seed)
+        model = NemotronHForCausalLM(NemotronHConfig(**config))
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tiny_tokenizer().save_pretrained(tmp)
+        (tmp / "medlora_tiny.json").write_text(json.dumps({"spec": stamp, "seed": seed}))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)  # another process may have won the race: either copy is identical
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def resolve_model_path(args: ModelArguments) -> str:
+    if args.model_name_or_path == TINY_MODEL:
+        return str(build_tiny_model(args.tiny_cache_dir))
+    return args.model_name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def _unreachable(path: str, err: Exception) -> MedloraError:
+    return MedloraError(
+        f"cannot load {path!r}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}\n"
+        "If this is a hub id and you are offline, download it once where there is network "
+        f"(`hf download {path} --local-dir DIR`) and pass --model_name_or_path DIR; "
+        "or use --model_name_or_path tiny for the offline test model."
+    )
+
+
+def load_tokenizer(args: ModelArguments, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
+    except (OSError, ValueError) as err:
+        raise _unreachable(path, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(args: ModelArguments, device: torch.device | str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) for a hub id, a local dir or 'tiny'; bf16 on GPU, native transformers code."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(args)
+    tokenizer = load_tokenizer(args, path)
+    dtype = resolve_dtype(args.torch_dtype)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, attn_implementation=args.attn_implementation, revision=args.revision,
+        trust_remote_code=trust_remote_code, use_safetensors=True,
+    )
+    if args.experts_implementation:
+        kwargs["experts_implementation"] = args.experts_implementation
+    if args.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ConfigError("--load_in_4bit needs a CUDA GPU (bitsandbytes NF4); drop it on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if device is not None and torch.device(device).type == "cuda":
+        kwargs["device_map"] = {"": torch.device(device).index or 0}  # each rank loads straight to its GPU
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _unreachable(path, err) from None
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False  # training; generation turns it back on per call
+    return model, tokenizer
+
+
+def lora_config(args: LoraArguments):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+        target_parameters=list(args.lora_target_parameters) or None,
+        use_rslora=args.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, args: LoraArguments):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(args))
+    except ValueError as err:
+        raise ConfigError(f"LoRA targets {args.lora_target_modules} / {args.lora_target_parameters}: {err}") from None
+
+
+def lora_table(model) -> list[dict[str, Any]]:
+    """One row per kind of LoRA target (layer index folded): count, LoRA params, frozen base params."""
+    from peft.tuners.lora import LoraLayer
+
+    rows: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "lora_params": 0, "base_params": 0})
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        parameter_name = getattr(module, "parameter_name", None)  # set on target_parameters wrappers
+        path = [p for p in name.split(".") if p != "base_layer"][3:]  # drop base_model.model.model
+        kind = ".".join("N" if p.isdigit() else p for p in path) + (f".{parameter_name}" if parameter_name else "")
+        base = module.get_base_layer()
+        target = getattr(base, parameter_name) if parameter_name else base.weight
+        row = rows[kind]
+        row["count"] += 1
+        row["base_params"] += target.numel()
+        row["lora_params"] += sum(p.numel() for d in (module.lora_A, module.lora_B) for p in d.parameters())
+    return [{"target": kind, **row} for kind, row in sorted(rows.items())]
+
+
+def print_lora_table(model, console=None) -> dict[str, int]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="LoRA-wrapped modules")
+    for col in ("target", "count", "LoRA params", "base params"):
+        table.add_column(col, justify="right" if col != "target" else "left")
+    for row in lora_table(model):
+        table.add_row(row["target"], str(row["count"]), f"{row['lora_params']:,}", f"{row['base_params']:,}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    console.print(table)
+    console.print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
+    return {"trainable_params": trainable, "total_params": total}

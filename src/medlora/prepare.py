@@ -1,0 +1,74 @@
+"""`medlora prepare`: validate, clean, deduplicate, split, format and save MedMCQA as Arrow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from medlora.config import DataArguments, MedloraError, ModelArguments, PrepareArguments
+from medlora.data import format_issues, letter_counts, load_medmcqa, split_rows, write_skipped
+from medlora.formatting import build_prompt, encode_example
+
+
+def dataset_statistics(splits: dict[str, list[dict[str, Any]]], tokenizer, options) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for name, rows in splits.items():
+        lengths = [len(encode_example(tokenizer, r, options)["input_ids"]) for r in rows]
+        stats[name] = {
+            "rows": len(rows),
+            "subjects": dict(Counter(r["subject_name"] for r in rows).most_common()),
+            "answer_letters": letter_counts(rows),
+            "tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
+                       "mean": round(statistics.fmean(lengths), 1)},
+        }
+    return stats
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareArguments) -> dict[str, Any]:
+    from datasets import Dataset, DatasetDict
+    from rich.console import Console
+    from rich.table import Table
+
+    from medlora.model import load_tokenizer
+    from medlora.train import format_options
+
+    out = Path(prep.output_dir)
+    if out.exists() and any(out.iterdir()) and not prep.overwrite:
+        raise MedloraError(f"{out} is not empty; pass --overwrite or choose another --output_dir")
+    console = Console()
+    rows, report = load_medmcqa(data_args.data_path, data_args.train_split, data_args.cop_base,
+                                data_args.skip_invalid)
+    console.print(report.summary())
+    splits = split_rows(rows, data_args.eval_fraction, data_args.split_seed, prep.test_fraction)
+    tokenizer = load_tokenizer(model_args)
+    options = format_options(data_args)
+    for part in splits.values():
+        for row in part:
+            letter = "ABCD"[row["cop"]]
+            row["prompt"] = build_prompt(row, options, tokenizer)
+            row["answer"] = letter
+    stats = dataset_statistics(splits, tokenizer, options)
+    if out.exists():
+        shutil.rmtree(out)
+    DatasetDict({name: Dataset.from_list(part) for name, part in splits.items()}).save_to_disk(str(out))
+    skipped = write_skipped(report, out)
+    summary = {"source": data_args.data_path, "cop_numbering": report.cop_numbering, "rows_read": report.rows_read,
+               "invalid_skipped": len(report.issues), "duplicates_removed": report.duplicates_removed,
+               "cleaned_rows": report.cleaned_rows, "style": options.style, "splits": stats}
+    (out / "prepare_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+    table = Table(title=f"prepared {data_args.data_path} -> {out}")
+    for col in ("split", "rows", "subjects", "A/B/C/D", "tokens min/median/max"):
+        table.add_column(col)
+    for name, s in stats.items():
+        t = s["tokens"]
+        table.add_row(name, str(s["rows"]), str(len(s["subjects"])), "/".join(map(str, s["answer_letters"].values())),
+                      f"{t['min']}/{t['median']}/{t['max']}")
+    console.print(table)
+    if skipped:
+        console.print(format_issues(report.issues, f"invalid rows skipped (listed in {skipped})"))
+    return summary

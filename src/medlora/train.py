@@ -1,0 +1,264 @@
+"""Training stage: one function, `train`, for the CLI, the notebooks and the torchrun scripts.
+
+TRL's SFTTrainer + PEFT LoRA on pre-tokenised examples from `medlora.formatting` (prompt tokens
+masked, answer letter first, EOS trained). Before step 1 the label-mask and gradient-flow audits
+run; eval loss and MedMCQA accuracy are logged every `eval_steps`; the adapter and `metrics.json`
+land in `output_dir`. Under `torchrun` the Trainer runs DDP (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medlora import runinfo
+from medlora.audit import audit_gradients, audit_labels
+from medlora.config import (ConfigError, DataArguments, LoraArguments, MedloraError, ModelArguments,
+                            RunArguments, to_dict, validate)
+from medlora.data import (DataError, LoadReport, check_leakage, format_issues, load_medmcqa, split_rows,
+                          write_skipped)
+from medlora.evaluate import distributed_score, summarise, write_json
+from medlora.formatting import FormatOptions, encode_example, render_example, stop_token_ids
+
+RUN_MARKERS = ("metrics.json", "adapter", "trainer_state.json")
+
+
+def format_options(data: DataArguments) -> FormatOptions:
+    return FormatOptions(style=data.style, include_option_text=data.include_option_text,
+                         include_explanation=data.include_explanation, add_bos_token=data.add_bos_token)
+
+
+@dataclass
+class TrainingData:
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    reports: list[LoadReport]
+
+
+def load_training_data(data: DataArguments, output_dir: Path | None = None) -> TrainingData:
+    """Train and eval rows: a prepared dir, a separate eval source, or a seeded split of one source."""
+    prepared = Path(data.data_path) / "dataset_dict.json"
+    reports: list[LoadReport] = []
+    if prepared.exists():
+        from datasets import load_from_disk
+
+        splits = load_from_disk(data.data_path)
+        if "train" not in splits or "eval" not in splits:
+            raise DataError(f"{data.data_path}: a prepared dataset needs 'train' and 'eval' splits, has {list(splits)}")
+        train_rows, eval_rows = splits["train"].to_list(), splits["eval"].to_list()
+    else:
+        train_rows, report = load_medmcqa(data.data_path, data.train_split, data.cop_base, data.skip_invalid)
+        reports.append(report)
+        if data.eval_data_path:
+            eval_rows, eval_report = load_medmcqa(data.eval_data_path, data.eval_split, data.cop_base,
+                                                  data.skip_invalid)
+            reports.append(eval_report)
+            check_leakage({"train": train_rows, "eval": eval_rows})
+        else:
+            parts = split_rows(train_rows, data.eval_fraction, data.split_seed)
+            train_rows, eval_rows = parts["train"], parts["eval"]
+    if output_dir is not None:
+        for report in reports:
+            write_skipped(report, output_dir)
+    if data.max_train_samples:
+        train_rows = train_rows[: data.max_train_samples]
+    if data.max_eval_samples:
+        eval_rows = eval_rows[: data.max_eval_samples]
+    return TrainingData(train_rows, eval_rows, reports)
+
+
+def tokenize_rows(rows, tokenizer, options: FormatOptions, max_length: int | None, name: str):
+    """Pre-tokenised `datasets.Dataset` (input_ids, completion_mask); over-long rows are reported, not cut.
+
+    Truncation would cut the answer and its EOS, so a row longer than `max_length` is left out and
+    counted in the returned list instead.
+    """
+    from datasets import Dataset
+
+    encoded, too_long = [], []
+    for row in rows:
+        example = encode_example(tokenizer, row, options)
+        if max_length and len(example["input_ids"]) > max_length:
+            too_long.append(f"{row.get('source', '?')}:{row.get('line', '?')} ({len(example['input_ids'])} tokens)")
+            continue
+        encoded.append(example)
+    if not encoded:
+        raise DataError(f"{name}: every example is longer than max_length={max_length}")
+    return Dataset.from_list(encoded), too_long
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
+    if not output_dir.exists() or overwrite or resume:
+        return
+    found = [m for m in RUN_MARKERS if (output_dir / m).exists()] + [p.name for p in output_dir.glob("checkpoint-*")]
+    if found:
+        raise MedloraError(
+            f"{output_dir} already holds a run ({', '.join(sorted(found)[:3])}); pass --overwrite to replace it, "
+            "--resume_from_checkpoint auto to continue it, or choose another --output_dir"
+        )
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
+    if not resume:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint: {resume} is not a checkpoint directory")
+        return resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        print(f"medlora: no checkpoint in {output_dir}; starting from step 0")
+    return last
+
+
+def make_accuracy_callback(trainer_ref: dict, eval_rows, tokenizer, options, run: RunArguments):
+    from transformers import TrainerCallback
+
+    rows = eval_rows[: run.eval_accuracy_samples] if run.eval_accuracy_samples else eval_rows
+
+    class MedMCQAAccuracyCallback(TrainerCallback):
+        """After each evaluation, score MedMCQA accuracy on the eval questions and log it."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            trainer = trainer_ref["trainer"]
+            preds = distributed_score(trainer.model, tokenizer, rows, options, run.eval_batch_size)
+            accuracy = summarise(preds, bootstrap_samples=0)["accuracy"]
+            if metrics is not None:
+                metrics["eval_accuracy"] = accuracy
+            trainer.log({"eval_accuracy": accuracy, "eval_accuracy_n": len(rows)})
+
+    return MedMCQAAccuracyCallback()
+
+
+def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
+          run_args: RunArguments, train_args) -> dict[str, Any]:
+    """Fine-tune with LoRA and write OUTPUT_DIR/adapter and OUTPUT_DIR/metrics.json. Returns the metrics."""
+    from rich.console import Console
+    from transformers import set_seed
+
+    validate(model_args, lora_args, data_args, run_args, train_args)
+    console = Console(quiet=not runinfo.is_main_process())
+    output_dir = Path(train_args.output_dir)
+    resume = train_args.resume_from_checkpoint
+    check_output_dir(output_dir, run_args.overwrite, resume)
+    set_seed(train_args.seed)
+    started = time.time()
+
+    options = format_options(data_args)
+    device = torch.device("cuda", runinfo.local_rank()) if torch.cuda.is_available() else None
+    from medlora.model import apply_lora, load_model, print_lora_table
+
+    model, tokenizer = load_model(model_args, device=device, trust_remote_code=train_args.trust_remote_code)
+    data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
+    for report in data.reports:
+        console.print(f"[bold]data[/] {report.summary()}")
+        if report.issues:
+            console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
+    train_ds, train_long = tokenize_rows(data.train_rows, tokenizer, options, train_args.max_length, "train")
+    eval_ds, eval_long = tokenize_rows(data.eval_rows, tokenizer, options, train_args.max_length, "eval")
+    for name, long in (("train", train_long), ("eval", eval_long)):
+        if long:
+            console.print(f"[yellow]{len(long)} {name} examples exceed max_length={train_args.max_length} "
+                          f"tokens and are left out[/] (first: {', '.join(long[:3])})")
+    console.print(f"train {len(train_ds)} examples, eval {len(eval_ds)} examples, style {options.style}")
+    console.print("first training example (prompt is masked; «trained»):", markup=False)
+    console.print(render_example(tokenizer, train_ds[0]), markup=False, highlight=False)
+
+    model = apply_lora(model, lora_args)
+    lora_counts = print_lora_table(model, console)
+
+    from trl import SFTTrainer
+
+    from medlora.compat import patch_trl_cpu_loss
+
+    patch_trl_cpu_loss()
+    train_args.completion_only_loss = True
+    if train_args.gradient_checkpointing and train_args.gradient_checkpointing_kwargs is None:
+        train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    trainer_ref: dict[str, Any] = {}
+    callback = make_accuracy_callback(trainer_ref, data.eval_rows, tokenizer, options, run_args)
+    trainer = SFTTrainer(model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[callback])
+    trainer_ref["trainer"] = trainer
+
+    audits = {}
+    prepared = trainer.train_dataset
+    if len(prepared) != len(train_ds):  # TRL drops fully masked rows; none may vanish silently
+        raise MedloraError(f"TRL dropped {len(train_ds) - len(prepared)} of {len(train_ds)} training examples")
+    if run_args.audit:
+        n = min(len(train_ds), max(train_args.per_device_train_batch_size, 8))
+        batch = trainer.data_collator([prepared[i] for i in range(n)])
+        stops = stop_token_ids(tokenizer, options)
+        audits["labels"] = audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops)
+        small = trainer.data_collator([prepared[i] for i in range(min(n, train_args.per_device_train_batch_size))])
+        audits["gradients"] = audit_gradients(trainer.model, small)
+        console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
+
+    eval_rows = data.eval_rows[: run_args.eval_accuracy_samples] if run_args.eval_accuracy_samples else data.eval_rows
+    with trainer.model.disable_adapter():
+        base_preds = distributed_score(trainer.model, tokenizer, eval_rows, options, run_args.eval_batch_size)
+    base_summary = summarise(base_preds, bootstrap_samples=0)
+
+    resume_path = resolve_resume(output_dir, resume)
+    train_result = trainer.train(resume_from_checkpoint=resume_path)
+    eval_metrics = trainer.evaluate()  # also runs the accuracy callback on the (limited) eval rows
+
+    final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
+    final_summary = summarise(final_preds)
+    metrics: dict[str, Any] = {
+        "train_loss": train_result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_accuracy": final_summary["accuracy"],
+        "eval_accuracy_ci95": final_summary["ci95"],
+        "eval_n": final_summary["n"],
+        "base_eval_accuracy": base_summary["accuracy"],
+        "base_eval_accuracy_n": base_summary["n"],
+        "majority_baseline": final_summary["majority_baseline"],
+        "per_subject": final_summary["per_subject"],
+        "global_steps": trainer.state.global_step,
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "train_samples_per_second": train_result.metrics.get("train_samples_per_second"),
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen or None,
+        "effective_batch_size": train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+        * runinfo.world_size(),
+        "world_size": runinfo.world_size(),
+        "train_examples": len(train_ds),
+        "eval_examples": len(eval_ds),
+        "skipped_too_long": {"train": len(train_long), "eval": len(eval_long)},
+        "skipped_invalid": sum(len(r.issues) for r in data.reports),
+        "audits": audits,
+        "lora": lora_counts,
+        "log_history": trainer.state.log_history,
+        "wall_time_s": round(time.time() - started, 1),
+        "config": to_dict(model_args, lora_args, data_args, run_args, train_args),
+        "versions": runinfo.versions(),
+        "hardware": runinfo.hardware(),
+    }
+    if metrics["num_input_tokens_seen"] and metrics["train_runtime_s"]:
+        metrics["tokens_per_second"] = metrics["num_input_tokens_seen"] / metrics["train_runtime_s"]
+    if trainer.is_world_process_zero():
+        adapter_dir = output_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        tokenizer.save_pretrained(adapter_dir)
+        size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+        metrics["adapter_bytes"] = size
+        write_json(output_dir / "metrics.json", metrics)
+        console.print(f"adapter: {adapter_dir} ({size / 2**20:.2f} MiB); metrics: {output_dir / 'metrics.json'}")
+        console.print(f"train_loss {metrics['train_loss']:.4f}  eval_loss {metrics['eval_loss']:.4f}  "
+                      f"eval_accuracy {metrics['eval_accuracy']:.3f} (base {metrics['base_eval_accuracy']:.3f}, "
+                      f"n={metrics['eval_n']})")
+    if not math.isfinite(metrics["train_loss"]):
+        raise MedloraError(f"training loss is {metrics['train_loss']}; see {output_dir}")
+    return metrics
+
+
+def json_dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
