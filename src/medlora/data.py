@@ -56,6 +56,7 @@ class LoadReport:
     duplicates_removed: int = 0
     cleaned_rows: int = 0
     ambiguous_rows: int = 0
+    duplicates_kept: int = 0
 
     def summary(self) -> str:
         parts = [f"{self.source}: read {self.rows_read} rows, cop numbering {self.cop_numbering}"]
@@ -65,6 +66,8 @@ class LoadReport:
             parts.append(f"{self.duplicates_removed} exact duplicates removed")
         if self.cleaned_rows:
             parts.append(f"{self.cleaned_rows} rows had whitespace/unicode normalised")
+        if self.duplicates_kept:
+            parts.append(f"{self.duplicates_kept} rows repeat an earlier question and options (kept)")
         if self.ambiguous_rows:
             parts.append(f"{self.ambiguous_rows} rows whose correct option text also appears as another option")
         if self.ignored_fields:
@@ -217,7 +220,7 @@ def validate_rows(
     raw: list[tuple[int, Any]],
     source: str,
     cop_base: str = "auto",
-    ambiguous_is_error: bool = True,
+    evaluation: bool = False,
     from_text: bool = False,
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Check every row; return the valid ones (cleaned, cop 0-3) and a report holding the rest."""
@@ -280,7 +283,8 @@ def validate_rows(
                 RowIssue(source, line, "cop", f"{obj['cop']!r} is outside {allowed} ({report.cop_numbering})", obj)
             )
             continue
-        row = {name: clean_text(obj[name]) for name in TEXT_FIELDS}
+        # Evaluation scores the text as published (lm-eval parity); training data is cleaned.
+        row = {name: obj[name] if evaluation else clean_text(obj[name]) for name in TEXT_FIELDS}
         if any(row[name] != obj[name] for name in TEXT_FIELDS):
             report.cleaned_rows += 1
         row["cop"] = cop
@@ -292,12 +296,12 @@ def validate_rows(
         row["source"], row["line"] = source, line
 
         option_keys = [normalise_key(row[name]) for name in OPTION_FIELDS]
-        if len(set(option_keys)) == 1:
+        if len(set(option_keys)) == 1 and not evaluation:
             report.issues.append(RowIssue(source, line, "opa-opd", "all four options are identical", obj))
             continue
         row["ambiguous"] = option_keys.count(option_keys[cop]) > 1
         if row["ambiguous"]:
-            if ambiguous_is_error:
+            if not evaluation:
                 twin = LETTERS[[i for i, k in enumerate(option_keys) if k == option_keys[cop] and i != cop][0]]
                 report.issues.append(
                     RowIssue(
@@ -315,7 +319,10 @@ def validate_rows(
             continue
         seen_ids[row["id"]] = line
         content = (normalise_key(row["question"]), *option_keys)
-        if content in seen_content:
+        if content in seen_content and evaluation:
+            # evaluation scores every row, as lm-evaluation-harness does; repeats are only counted
+            report.duplicates_kept += 1
+        elif content in seen_content:
             first = seen_content[content]
             if first["cop"] != cop:
                 report.issues.append(
@@ -329,7 +336,7 @@ def validate_rows(
             else:
                 report.duplicates_removed += 1
             continue
-        seen_content[content] = row
+        seen_content.setdefault(content, row)
         rows.append(row)
     if not rows:
         raise DataError(f"{source}: no valid rows.\n" + format_issues(report.issues))
@@ -341,12 +348,15 @@ def load_medmcqa(
     split: str = "train",
     cop_base: str = "auto",
     skip_invalid: bool = False,
-    ambiguous_is_error: bool = True,
+    evaluation: bool = False,
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Rows from a local file or the hub dataset `openlifescienceai/medmcqa` (split `train`/`validation`).
 
     Strict by default: any invalid row raises `DataError` listing file, line and field.
     With `skip_invalid` the valid rows are returned and the report holds the skipped ones.
+    `evaluation=True` keeps the text exactly as given (no cleaning: lm-eval parity), and rows whose correct option text repeats, whose
+    options are all identical, or which repeat an earlier question are kept (flagged `ambiguous` /
+    counted), because lm-evaluation-harness scores them too; structural errors still fail.
     """
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
@@ -360,7 +370,7 @@ def load_medmcqa(
         if cop_base == "auto" and source == HUB_DATASET:
             cop_base = "0"  # the hub copy numbers cop 0-3: known, not guessed
     try:
-        rows, report = validate_rows(raw, name, cop_base, ambiguous_is_error, from_text)
+        rows, report = validate_rows(raw, name, cop_base, evaluation, from_text)
     except DataError as err:
         if parse_issues:
             raise DataError(f"{err}\n{format_issues(parse_issues, 'unparseable lines')}") from None

@@ -52,7 +52,7 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
         raise MedloraError(f"{out} already holds predictions/summary; pass --overwrite or another --output_dir")
     # Evaluation keeps rows whose correct option text repeats (lm-eval scores them too); they are flagged.
     rows, report = load_medmcqa(data_args.data_path, data_args.eval_split, data_args.cop_base,
-                                data_args.skip_invalid, ambiguous_is_error=False)
+                                data_args.skip_invalid, evaluation=True)
     print(report.summary())
     if report.issues:
         print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))

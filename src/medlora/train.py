@@ -138,6 +138,29 @@ def make_accuracy_callback(trainer_ref: dict, eval_rows, tokenizer, options, run
     return MedMCQAAccuracyCallback()
 
 
+def adapter_checksum(model) -> str:
+    """SHA-256 over the trainable (LoRA) tensors, in name order: equal across DDP ranks or a bug."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_checksums(model) -> list[str]:
+    import torch.distributed as dist
+
+    mine = adapter_checksum(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
           run_args: RunArguments, train_args) -> dict[str, Any]:
     """Fine-tune with LoRA and write OUTPUT_DIR/adapter and OUTPUT_DIR/metrics.json. Returns the metrics."""
@@ -151,6 +174,11 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     check_output_dir(output_dir, run_args.overwrite, resume)
     set_seed(train_args.seed)
     started = time.time()
+    if not torch.cuda.is_available() and "bnb" in str(train_args.optim):
+        from transformers.training_args import OptimizerNames
+
+        console.print(f"no CUDA GPU: optimizer {train_args.optim.value} -> adamw_torch (bitsandbytes 8-bit needs CUDA)")
+        train_args.optim = OptimizerNames.ADAMW_TORCH
 
     options = format_options(data_args)
     device = torch.device("cuda", runinfo.local_rank()) if torch.cuda.is_available() else None
@@ -242,6 +270,9 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         "versions": runinfo.versions(),
         "hardware": runinfo.hardware(),
     }
+    metrics["adapter_sha256_by_rank"] = gather_checksums(trainer.model)
+    if len(set(metrics["adapter_sha256_by_rank"])) != 1:
+        raise MedloraError(f"DDP ranks ended with different adapters: {metrics['adapter_sha256_by_rank']}")
     if metrics["num_input_tokens_seen"] and metrics["train_runtime_s"]:
         metrics["tokens_per_second"] = metrics["num_input_tokens_seen"] / metrics["train_runtime_s"]
     if trainer.is_world_process_zero():

@@ -1,0 +1,121 @@
+"""The training path on CPU: TRL's loss through medlora's CPU shim, adapter round trip, CLI contract."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+
+def test_sft_loss_on_cpu_equals_the_models_own_loss(tiny):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from medlora.compat import patch_trl_cpu_loss
+
+    model, tok = tiny
+    import copy
+
+    patched = copy.deepcopy(model)
+    patch_trl_cpu_loss()
+    add_fused_lm_head(patched, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.tensor([tok.encode("Question: which nerve?\nChoices:\nA. x\nAnswer: A. x</s>")])
+    labels = ids.clone()
+    labels[:, :6] = -100
+    reference = model(input_ids=ids, labels=labels).loss
+    fused = patched(input_ids=ids, labels=labels, fused_lm_head=True)
+    loss = -fused.log_probs.sum() / fused.label_mask.sum()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny-run"
+    cache = tmp_path_factory.mktemp("tinycache") / "tiny"
+    args = ["train", "--config", "configs/tiny.yaml", "--output_dir", str(out), "--max_steps", "8",
+            "--eval_steps", "4", "--save_steps", "4", "--report_to", "none", "--tiny_cache_dir", str(cache)]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, cache, args, result
+
+
+def test_train_writes_adapter_and_metrics(cli_run):
+    out, _, _, result = cli_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "base_eval_accuracy", "per_subject", "config", "versions"):
+        assert key in metrics, key
+    assert metrics["global_steps"] == 8 and metrics["audits"]["gradients"]["lora_tensors"] > 0
+    assert metrics["versions"]["transformers"] == "5.17.0" and metrics["versions"]["trl"] == "1.15.0"
+    assert any("eval_accuracy" in entry for entry in metrics["log_history"])  # the callback logged accuracy
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_" in name for name in tensors)  # no embedding matrices saved
+    assert any("experts" in name for name in tensors) and any("in_proj" in name for name in tensors)
+    assert "audits passed" in result.stdout
+
+
+def test_adapter_reloads_to_identical_logits(cli_run, tiny_dir):
+    from peft import PeftModel
+
+    from medlora.config import ModelArguments
+    from medlora.model import load_model
+
+    out, cache, _, _ = cli_run
+    base, tok = load_model(ModelArguments(model_name_or_path=str(cache)))
+    ids = torch.tensor([tok.encode("Question: x?\nAnswer:")])
+    base_logits = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base_logits)  # the adapter changes the model
+    torch.testing.assert_close(adapted, again)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def cli_in_process(args, capsys):
+    from medlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_second_run_into_same_output_dir_is_refused(cli_run, capsys):
+    _, _, args, _ = cli_run
+    code, err = cli_in_process(args, capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("yaml_text,match", [
+    ("lerning_rate: 0.1\n", "unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
+    ("max_steps: many\n", "invalid int value: 'many'"),
+    ("style: poetry\n", "--style must be 'plain' or 'chat'"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, yaml_text, match, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    code, err = cli_in_process(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and match in err and str(cfg) in err or "--style" in err, err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = cli_in_process(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lerning_rate: 0.1\n")
+    result = run_cli(["train", "--config", str(cfg)], timeout=300)
+    assert result.returncode == 2 and "did you mean" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_files_start_with_their_command():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path
