@@ -109,25 +109,29 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) ->
     """Write a random tiny Nemotron-H + tokenizer to `output_dir` (atomically; reused if current)."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
+    from filelock import FileLock
+
     output_dir = Path(output_dir)
     config = tiny_config_dict(**overrides)
     stamp = _spec_hash(config, seed)
     marker = output_dir / "medlora_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("spec") == stamp:
-        return output_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
-    try:
-        torch.manual_seed(seed)
-        model = NemotronHForCausalLM(NemotronHConfig(**config))
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tiny_tokenizer().save_pretrained(tmp)
-        (tmp / "medlora_tiny.json").write_text(json.dumps({"spec": stamp, "seed": seed}))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)  # another process may have won the race: either copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # torchrun ranks (and parallel tests) may ask at once: one builds, the others wait and reuse it
+    with FileLock(str(output_dir) + ".lock"):
+        if marker.exists() and json.loads(marker.read_text()).get("spec") == stamp:
+            return output_dir
+        tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
+        try:
+            torch.manual_seed(seed)
+            model = NemotronHForCausalLM(NemotronHConfig(**config))
+            model.save_pretrained(tmp, safe_serialization=True)
+            build_tiny_tokenizer().save_pretrained(tmp)
+            (tmp / "medlora_tiny.json").write_text(json.dumps({"spec": stamp, "seed": seed}))
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            os.replace(tmp, output_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
