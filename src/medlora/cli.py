@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medlora.config import (ConfigError, DataArguments, EvalArguments, LoraArguments, MedloraError,
-                            ModelArguments, PrepareArguments, RunArguments, main_guard, parse_config, validate)
+                            ModelArguments, PrepareArguments, RunArguments, main_guard, parse_config, training_sections, validate)
 
 USAGE = """usage: medlora <command> [--config FILE.yaml] [--flag value ...]
 
@@ -35,9 +35,7 @@ def _sections_help(argv: Sequence[str], sections, prog: str) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> None:
-    from trl import SFTConfig
-
-    sections = (ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig)
+    sections = training_sections()
     _sections_help(argv, sections, "medlora train")
     model, lora, data, run, train_args = parse_config(argv, sections, "medlora train")
     from medlora.train import train
@@ -48,7 +46,7 @@ def cmd_train(argv: Sequence[str]) -> None:
 def cmd_eval(argv: Sequence[str]) -> None:
     sections = (ModelArguments, DataArguments, EvalArguments)
     _sections_help(argv, sections, "medlora eval")
-    model_args, data_args, eval_args = parse_config(argv, sections, "medlora eval")
+    model_args, data_args, eval_args = parse_config(argv, sections, "medlora eval", training_sections())
     validate(model=model_args, data=data_args)
     from medlora.evaluate_cli import run_eval
 
@@ -58,7 +56,7 @@ def cmd_eval(argv: Sequence[str]) -> None:
 def cmd_prepare(argv: Sequence[str]) -> None:
     sections = (ModelArguments, DataArguments, PrepareArguments)
     _sections_help(argv, sections, "medlora prepare")
-    model_args, data_args, prep_args = parse_config(argv, sections, "medlora prepare")
+    model_args, data_args, prep_args = parse_config(argv, sections, "medlora prepare", training_sections())
     validate(model=model_args, data=data_args)
     from medlora.prepare import prepare
 
@@ -74,7 +72,7 @@ def cmd_inspect(argv: Sequence[str]) -> None:
         del argv[i : i + 2]
     sections = (ModelArguments, DataArguments)
     _sections_help(argv, sections, "medlora inspect")
-    model_args, data_args = parse_config(argv, sections, "medlora inspect")
+    model_args, data_args = parse_config(argv, sections, "medlora inspect", training_sections())
     validate(model=model_args, data=data_args)
     from medlora.model import load_tokenizer
     from medlora.train import format_options, load_training_data
@@ -103,7 +101,7 @@ def cmd_ask(argv: Sequence[str]) -> None:
         parser.print_help()
         sys.exit(0)
     known, rest = parser.parse_known_args(argv)
-    model_args, data_args = parse_config(rest, (ModelArguments, DataArguments), "medlora ask")
+    model_args, data_args = parse_config(rest, (ModelArguments, DataArguments), "medlora ask", training_sections())
     validate(model=model_args, data=data_args)
     import json
 

@@ -162,7 +162,8 @@ def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
     return argv
 
 
-def load_yaml(path: str, sections: Sequence[type]) -> dict[str, Any]:
+def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = ()) -> dict[str, Any]:
+    """The file's keys for `sections`; keys of `also_known` sections are accepted and dropped."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -177,16 +178,24 @@ def load_yaml(path: str, sections: Sequence[type]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: must be a YAML mapping of option: value, got {type(config).__name__}")
     known = _field_map(sections)
+    other = _field_map(also_known)
     for key in config:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
+        if key not in known and key not in other:
+            close = difflib.get_close_matches(str(key), list(known) + list(other), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
-    return config
+    # A key is used only by the section that owns it in training configs: `output_dir` in a training
+    # file is the run's directory, not `medlora eval`'s output directory.
+    return {k: v for k, v in config.items() if k in known and (k not in other or other[k][0] is known[k][0])}
 
 
-def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str = "medlora") -> tuple:
-    """Parse `--config FILE` and flags into one instance per section (flags override the file)."""
+def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str = "medlora",
+                 also_known: Sequence[type] = ()) -> tuple:
+    """Parse `--config FILE` and flags into one instance per section (flags override the file).
+
+    `also_known`: sections whose keys may appear in the file but are not used by this command
+    (so `medlora eval --config configs/tiny.yaml` reads the training config's model and data keys).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
     if "--config" in argv:
@@ -195,7 +204,7 @@ def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str
             raise ConfigError("--config needs a file path")
         config_path = argv[i + 1]
         argv = argv[:i] + argv[i + 2 :]
-    file_argv = _yaml_to_argv(load_yaml(config_path, sections)) if config_path else []
+    file_argv = _yaml_to_argv(load_yaml(config_path, sections, also_known)) if config_path else []
     given = {a[2:].split("=")[0] for a in file_argv + argv if a.startswith("--")}
     extra = _device_defaults(sections, given)
     # Check the file's values alone first, so a wrong type is reported against the file.
@@ -203,6 +212,12 @@ def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str
         _parse(sections, prog, config_path, extra + file_argv)
     parsed = _parse(sections, prog, "command line", extra + file_argv + argv)
     return tuple(parsed)
+
+
+def training_sections() -> tuple:
+    from trl import SFTConfig
+
+    return (ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig)
 
 
 def _device_defaults(sections: Sequence[type], given: set[str]) -> list[str]:
