@@ -110,6 +110,7 @@ def test_02_model_loading():
     assert "NemotronHExperts" in text  # module-kinds table
     assert "LoRA-wrapped modules" in text and "experts.up_proj" in text  # print_lora_table
     assert "outproj_weight=self.out_proj.weight" in text  # the fused kernel call shown from the installed source
+    assert "self.out_proj(scan_output" in text  # and the PyTorch path that calls the module
     assert text.count("is incompatible with Mamba-based models") == 2  # PEFT refuses out_proj and conv1d
     assert text.count("medlora refuses") == 2
 

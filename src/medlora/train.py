@@ -230,9 +230,9 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         audits["gradients"] = audit_gradients(trainer.model, small)
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
 
-    eval_rows = data.eval_rows[: run_args.eval_accuracy_samples] if run_args.eval_accuracy_samples else data.eval_rows
+    # The base model is scored on the same eval questions as the final adapter, so they compare directly.
     with trainer.model.disable_adapter():
-        base_preds = distributed_score(trainer.model, tokenizer, eval_rows, options, run_args.eval_batch_size)
+        base_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
     base_summary = summarise(base_preds, bootstrap_samples=0)
 
     resume_path = resolve_resume(output_dir, resume)
@@ -248,7 +248,7 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         "eval_accuracy_ci95": final_summary["ci95"],
         "eval_n": final_summary["n"],
         "base_eval_accuracy": base_summary["accuracy"],
-        "base_eval_accuracy_n": base_summary["n"],
+        "base_per_subject": base_summary["per_subject"],
         "majority_baseline": final_summary["majority_baseline"],
         "per_subject": final_summary["per_subject"],
         "global_steps": trainer.state.global_step,
