@@ -258,7 +258,8 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(bool(lora.lora_target_modules or lora.lora_target_parameters), "no LoRA targets given")
         forbidden = {"out_proj", "conv1d"} & {t.split(".")[-1] for t in lora.lora_target_modules}
         need(not forbidden, f"--lora_target_modules: {sorted(forbidden)} cannot be LoRA targets on nemotron_h "
-             "(the fused Mamba2 kernel reads out_proj.weight directly and conv1d is depthwise; see AGENTS.md)")
+             "(the Mamba2 code passes conv1d.weight to the scan as a plain tensor, and with mamba kernels installed "
+             "the fused kernel reads out_proj.weight directly: a LoRA there gets no gradient; see AGENTS.md)")
     if data is not None:
         need(data.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {data.style!r}")
         need(data.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {data.cop_base!r}")
