@@ -119,3 +119,23 @@ def test_config_files_start_with_their_command():
     for path in (ROOT / "configs").glob("*.yaml"):
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path
+
+
+def test_unsloth_backend_without_gpu_is_one_sentence(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    code, err = cli_in_process(["train", "--config", "configs/tiny.yaml", "--backend", "unsloth",
+                                "--output_dir", str(tmp_path / "u")], capsys)
+    assert code == 2 and "needs an NVIDIA GPU" in err and "--backend hf" in err
+
+
+def test_train_unsloth_script_without_gpu_exits_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    result = subprocess.run([sys.executable, "scripts/train_unsloth.py", "--config", "configs/tiny.yaml",
+                             "--output_dir", str(tmp_path / "u")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "needs an NVIDIA GPU" in result.stderr and "Traceback" not in result.stderr

@@ -35,6 +35,9 @@ def _sections_help(argv: Sequence[str], sections, prog: str) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> None:
+    from medlora.backends import import_unsloth_first
+
+    import_unsloth_first(list(argv))  # before transformers/TRL are imported, so Unsloth can patch them
     sections = training_sections()
     _sections_help(argv, sections, "medlora train")
     model, lora, data, run, train_args = parse_config(argv, sections, "medlora train")

@@ -21,7 +21,7 @@ import yaml
 
 TINY_MODEL = "tiny"
 REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "unsloth")
 
 
 class ConfigError(ValueError):

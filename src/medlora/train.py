@@ -184,7 +184,15 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     device = torch.device("cuda", runinfo.local_rank()) if torch.cuda.is_available() else None
     from medlora.model import apply_lora, load_model, print_lora_table
 
-    model, tokenizer = load_model(model_args, device=device, trust_remote_code=train_args.trust_remote_code)
+    backend_report: dict[str, Any] = {}
+    if run_args.backend == "unsloth":
+        from medlora.backends import load_unsloth
+
+        model, tokenizer, backend_report = load_unsloth(model_args, lora_args, train_args.max_length or 2048,
+                                                        train_args.gradient_checkpointing, train_args.seed)
+        train_args.gradient_checkpointing = False  # Unsloth applied its own checkpointing in get_peft_model
+    else:
+        model, tokenizer = load_model(model_args, device=device, trust_remote_code=train_args.trust_remote_code)
     data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
     for report in data.reports:
         console.print(f"[bold]data[/] {report.summary()}")
@@ -200,7 +208,8 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     console.print("first training example (prompt is masked; «trained»):", markup=False)
     console.print(render_example(tokenizer, train_ds[0]), markup=False, highlight=False)
 
-    model = apply_lora(model, lora_args)
+    if run_args.backend == "hf":
+        model = apply_lora(model, lora_args)
     lora_counts = print_lora_table(model, console)
 
     from trl import SFTTrainer
@@ -263,6 +272,8 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         "skipped_too_long": {"train": len(train_long), "eval": len(eval_long)},
         "skipped_invalid": sum(len(r.issues) for r in data.reports),
         "audits": audits,
+        "backend": run_args.backend,
+        "backend_report": backend_report,
         "lora": lora_counts,
         "log_history": trainer.state.log_history,
         "wall_time_s": round(time.time() - started, 1),

@@ -1,0 +1,101 @@
+"""Training backends besides the plain Hugging Face stack (`hf`, in `medlora.model`).
+
+`unsloth`: Unsloth's `FastLanguageModel.from_pretrained` + its `get_peft_model` with the same LoRA
+settings; the same pre-tokenised data and the same SFTTrainer configuration follow in
+`medlora.train`. Unsloth imports only with an NVIDIA GPU, so without one the backend stops with one
+sentence. Unsloth must be imported before transformers/TRL/PEFT to patch them: the CLI and
+`scripts/train_unsloth.py` call `import_unsloth_first()` before anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+from typing import Any
+
+from medlora.config import LoraArguments, MedloraError, ModelArguments
+
+def require_unsloth() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MedloraError("--backend unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA); "
+                           "use --backend hf on this machine")
+    try:
+        import unsloth  # noqa: F401
+    except ImportError as err:
+        raise MedloraError(f"--backend unsloth: Unsloth is not installed ({err}); run `uv sync --extra unsloth`") \
+            from None
+
+
+def import_unsloth_first(argv: list[str]) -> None:
+    """Import Unsloth before transformers when the command asks for it (flag or YAML key)."""
+    backend = None
+    flags = [i for i, a in enumerate(argv) if a == "--backend" and i + 1 < len(argv)]
+    if flags:  # the last flag wins, as in parse_config
+        backend = argv[flags[-1] + 1]
+    elif "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            text = open(argv[argv.index("--config") + 1], encoding="utf-8").read()
+        except OSError:
+            return  # parse_config reports the missing file
+        match = re.search(r"^backend:\s*['\"]?(\w+)", text, re.MULTILINE)
+        backend = match.group(1) if match else None
+    if backend == "unsloth":
+        require_unsloth()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def load_unsloth(model_args: ModelArguments, lora_args: LoraArguments, max_length: int,
+                 gradient_checkpointing: bool, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(peft model, tokenizer, report of what Unsloth changed) through Unsloth's own loaders."""
+    require_unsloth()
+    from unsloth import FastLanguageModel
+
+    from medlora.model import resolve_dtype, resolve_model_path
+
+    path = resolve_model_path(model_args)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, captured)), contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=max_length, dtype=resolve_dtype(model_args.torch_dtype),
+            load_in_4bit=model_args.load_in_4bit, full_finetuning=False, trust_remote_code=False,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+            target_modules=list(lora_args.lora_target_modules),
+            target_parameters=list(lora_args.lora_target_parameters) or None,
+            bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed, use_rslora=lora_args.use_rslora,
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, unsloth_report(model, captured.getvalue())
+
+
+def unsloth_report(model, log: str) -> dict[str, Any]:
+    """What Unsloth changed for this model: its own log lines and which forwards it replaced."""
+    patched = set()
+    for name, module in model.named_modules():
+        forward = getattr(type(module), "forward", None)
+        origin = getattr(forward, "__module__", "") or ""
+        if "unsloth" in origin.lower() or "compiled" in type(module).__name__.lower():
+            patched.add(f"{type(module).__name__} ({origin})")
+    lines = [ln.strip() for ln in log.splitlines() if "unsloth" in ln.lower() or "patch" in ln.lower()
+             or "fall" in ln.lower() or "compil" in ln.lower() or "lora" in ln.lower()]
+    return {"log": lines[:60], "patched_module_classes": sorted(patched)[:40]}
