@@ -21,6 +21,7 @@ commands:
   train       LoRA fine-tuning (TRL SFTTrainer + PEFT); writes adapter/ and metrics.json
   eval        MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json
   ask         answer one question with the exact training prompt
+  bench       time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results
   build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
 
 `medlora <command> --help` lists the flags of a command."""
@@ -119,6 +120,16 @@ def cmd_ask(argv: Sequence[str]) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
 
 
+def cmd_bench(argv: Sequence[str]) -> None:
+    from medlora.benchmark import BenchArguments, run_bench
+
+    sections = (BenchArguments, LoraArguments)
+    _sections_help(argv, sections, "medlora bench")
+    bench_args, lora_args = parse_config(argv, sections, "medlora bench")
+    validate(lora=lora_args)
+    run_bench(bench_args, lora_args)
+
+
 def cmd_build_tiny(argv: Sequence[str]) -> None:
     out = argv[0] if argv else ModelArguments().tiny_cache_dir
     from medlora.model import build_tiny_model
@@ -127,7 +138,7 @@ def cmd_build_tiny(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "build-tiny": cmd_build_tiny}
+            "ask": cmd_ask, "bench": cmd_bench, "build-tiny": cmd_build_tiny}
 
 
 @main_guard

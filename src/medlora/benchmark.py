@@ -1,0 +1,369 @@
+"""`medlora bench`: time K steps of the real SFTTrainer loop per backend, write JSON + Markdown + PNG.
+
+    uv run medlora bench --model_spec nano-quarter --backends hf unsloth --per_device_train_batch_size 8
+
+Each (round, backend) runs in its own process — Unsloth patches transformers and TRL on import, so
+an `hf` run must never share a process with it — and backends alternate round by round so they
+share the machine's conditions. Every worker builds the same `SFTTrainer` configuration that
+`medlora train` uses (same pre-tokenised MedMCQA examples, completion-only loss, optimizer, LoRA
+targets) and times optimizer steps after a warm-up with CUDA synchronisation on both sides.
+
+MFU = tokens/s x FLOPs/token / peak bf16 FLOP/s, with FLOPs/token = 6 x N_active + 12 x L_attn x
+d_attn x T (PaLM appendix B; N_active = parameters a token meets: all dense weights, the LM head,
+and top_k / n_experts of the routed experts; input embeddings excluded; the frozen base is counted
+as if trained, LoRA's own FLOPs are not). Peak: 989 TFLOP/s dense bf16 for H100/H200 SXM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from medlora.config import LoraArguments, MedloraError
+
+MEDMCQA_TRAIN_QUESTIONS = 182_822
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# NVIDIA-Nemotron-3-Nano-30B-A3B (config.json of the hub checkpoint): widths used for random-weight specs.
+NANO_CONFIG = dict(
+    vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+    intermediate_size=1856, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
+    chunk_size=128, conv_kernel=4, expand=2, n_routed_experts=128, num_experts_per_tok=6,
+    moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_shared_experts=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1, mlp_hidden_act="relu2",
+    max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    use_conv_bias=True, mamba_proj_bias=False, use_bias=False, layer_norm_epsilon=1e-5,
+)
+NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
+
+
+@dataclass
+class BenchArguments:
+    model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
+    backends: list[str] = field(default_factory=lambda: ["hf"], metadata={"help": "hf and/or unsloth"})
+    bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
+    bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
+    rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "questions per step"})
+    max_length: int = field(default=1024, metadata={"help": "longer examples are left out (and counted)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing"})
+    experts_implementation: str | None = field(default="grouped_mm", metadata={"help": "MoE experts kernel"})
+    data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
+    results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
+    model_cache_dir: str = field(default="outputs/bench-models", metadata={"help": "random-weight models saved here"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    optim: str = field(default="adamw_bnb_8bit", metadata={"help": "optimizer, as in medlora train on a GPU"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    tag: str = field(default="", metadata={"help": "suffix for the result file name"})
+
+
+def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
+    """Nemotron-3-Nano widths, random bf16 weights, first N layers of the hybrid pattern; saved once."""
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from medlora.model import build_tiny_tokenizer
+
+    if spec not in SPECS:
+        raise MedloraError(f"--model_spec must be tiny, a local dir, or one of {sorted(SPECS)}; got {spec!r}")
+    out = Path(cache_dir) / spec
+    if (out / "config.json").exists() and (out / "medlora_spec.json").exists():
+        return out
+    config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = NemotronHForCausalLM(config).to(torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(prefix=spec + ".tmp-", dir=out.parent if out.parent.exists() else None))
+    model.save_pretrained(tmp, safe_serialization=True)
+    build_tiny_tokenizer().save_pretrained(tmp)  # ids < 2048 fit any vocabulary; lengths differ from Nemotron's
+    (tmp / "medlora_spec.json").write_text(json.dumps({"spec": spec, "pattern": SPECS[spec], "seed": seed}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def model_path_for(args: BenchArguments) -> str:
+    if args.model_spec == "tiny":
+        from medlora.model import build_tiny_model
+
+        return str(build_tiny_model(Path(args.model_cache_dir) / "tiny"))
+    if Path(args.model_spec).is_dir():
+        return args.model_spec
+    return str(build_random_model(args.model_spec, args.model_cache_dir, args.seed))
+
+
+def active_params(model) -> dict[str, int]:
+    """Parameters one token meets (routed experts scaled by top_k / n_experts); input embeddings excluded."""
+    config = model.config
+    top_k, n_exp = getattr(config, "num_experts_per_tok", 1), getattr(config, "n_routed_experts", 1)
+    total = active = 0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        if "lora_" in name:
+            continue
+        total += n
+        if "embed_tokens" in name:
+            continue
+        active += n * top_k // n_exp if ".experts." in name and param.dim() == 3 else n
+    return {"total": total, "active": active}
+
+
+def flops_per_token(model, seq_len: float) -> float:
+    config = model.config
+    n_attn = sum(1 for t in config.layers_block_type if t == "full_attention")
+    d_attn = config.num_attention_heads * config.head_dim
+    return 6 * active_params(model)["active"] + 12 * n_attn * d_attn * seq_len
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if gpu_name and key in gpu_name:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- worker (one backend, one process)
+
+
+def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[str, Any]:
+    if backend == "unsloth":
+        from medlora.backends import require_unsloth
+
+        require_unsloth()  # first: Unsloth must patch transformers/TRL before they are imported
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from medlora.compat import patch_trl_cpu_loss
+    from medlora.config import ModelArguments
+    from medlora.data import load_medmcqa
+    from medlora.formatting import FormatOptions
+    from medlora.model import apply_lora, load_model
+    from medlora.train import tokenize_rows
+
+    path = model_path_for(args)
+    model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
+    cuda = torch.cuda.is_available()
+    started = time.time()
+    report: dict[str, Any] = {}
+    if backend == "unsloth":
+        from medlora.backends import load_unsloth
+
+        model, tokenizer, report = load_unsloth(model_args, lora, args.max_length, args.gradient_checkpointing,
+                                                args.seed)
+    else:
+        model, tokenizer = load_model(model_args, device=torch.device("cuda", 0) if cuda else None)
+        model = apply_lora(model, lora)
+    load_s = time.time() - started
+    rows, _ = load_medmcqa(args.data_path, evaluation=True)
+    steps = args.bench_warmup_steps + args.bench_steps
+    need = steps * args.per_device_train_batch_size
+    dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain"), args.max_length, "bench")
+    dataset = dataset.select(range(min(need, len(dataset))))
+    if len(dataset) < need:
+        raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, the bench needs {need}")
+
+    patch_trl_cpu_loss()
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="medlora-bench-"), max_steps=steps,
+        per_device_train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        gradient_checkpointing=args.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda, use_cpu=not cuda,
+        optim=args.optim if cuda else "adamw_torch", max_length=args.max_length, completion_only_loss=True,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
+    )
+    step_times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.t0)
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[StepTimer()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    # sequential sampler, no accumulation: step i trains examples [i*B, (i+1)*B)
+    b = args.per_device_train_batch_size
+    lengths = [len(x) for x in dataset["input_ids"]]
+    trained = [sum(m) for m in dataset["completion_mask"]]
+    per_step = [(sum(lengths[i * b:(i + 1) * b]), sum(trained[i * b:(i + 1) * b]), b * max(lengths[i * b:(i + 1) * b]))
+                for i in range(steps)]
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {
+        "backend": backend, "load_s": round(load_s, 1), "step_times": step_times,
+        "tokens_per_step": per_step[args.bench_warmup_steps:],
+        "timed_from_step": args.bench_warmup_steps,
+        "mean_tokens_per_sample": statistics.fmean(lengths),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": active_params(base_model),
+        "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
+        "too_long_left_out": len(too_long),
+        "gradient_checkpointing": "unsloth" if backend == "unsloth" and args.gradient_checkpointing
+        else args.gradient_checkpointing,
+        "backend_report": report,
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
+    times, tokens, trained, padded = [], 0, 0, 0
+    for run in runs:
+        timed = run["step_times"][run["timed_from_step"]:]
+        times += timed
+        for (t, tr, pad), _ in zip(run["tokens_per_step"], timed):
+            tokens, trained, padded = tokens + t, trained + tr, padded + pad
+    total = sum(times)
+    first = runs[0]
+    tokens_per_s = tokens / total
+    peak = peak_tflops(gpu)
+    samples_per_s = batch * len(times) / total
+    return {
+        "backend": first["backend"],
+        "tokens_per_s": round(tokens_per_s, 1),
+        "trained_tokens_per_s": round(trained / total, 1),
+        "padded_tokens_per_s": round(padded / total, 1),
+        "samples_per_s": round(samples_per_s, 3),
+        "step_s": {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
+                   "max": round(max(times), 4), "n": len(times)},
+        "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
+        "mfu": round(tokens_per_s * first["flops_per_token"] / (peak * 1e12), 4) if peak else None,
+        "flops_per_token": first["flops_per_token"],
+        "mean_tokens_per_sample": round(first["mean_tokens_per_sample"], 1),
+        "epoch_hours_medmcqa_train": round(MEDMCQA_TRAIN_QUESTIONS / samples_per_s / 3600, 2),
+        "trainable_params": first["trainable_params"],
+        "params": first["params"],
+        "load_s": [r["load_s"] for r in runs],
+        "gradient_checkpointing": first["gradient_checkpointing"],
+        "backend_report": first["backend_report"],
+    }
+
+
+def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
+    import torch
+
+    from medlora import runinfo
+
+    for backend in args.backends:
+        if backend not in ("hf", "unsloth"):
+            raise MedloraError(f"--backends: unknown backend {backend!r} (hf, unsloth)")
+        if backend == "unsloth" and not torch.cuda.is_available():
+            raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
+    model_path_for(args)  # build once, before the timed workers
+    runs: dict[str, list] = {b: [] for b in args.backends}
+    payload = json.dumps({"bench": asdict(args), "lora": asdict(lora)})
+    for round_index in range(args.rounds):
+        for backend in args.backends:  # alternate: hf, unsloth, hf, unsloth, ...
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+                result_path = fh.name
+            cmd = [sys.executable, "-m", "medlora.benchmark", "--worker", backend, payload, result_path]
+            print(f"bench round {round_index + 1}/{args.rounds}: {backend}", flush=True)
+            proc = subprocess.run(cmd, text=True)
+            if proc.returncode != 0:
+                raise MedloraError(f"bench worker for backend {backend!r} failed (exit {proc.returncode}); "
+                                   "its output is above")
+            runs[backend].append(json.loads(Path(result_path).read_text()))
+    hw = runinfo.hardware()
+    gpu = hw.get("gpu")
+    results = [summarise_backend(runs[b], args.per_device_train_batch_size, gpu) for b in args.backends]
+    for r in results:
+        r["model"] = args.model_spec
+    out = {
+        "date": date.today().isoformat(), "gpu": gpu, "world_size": runinfo.world_size(),
+        "versions": runinfo.versions(), "hardware": hw, "config": {"bench": asdict(args), "lora": asdict(lora)},
+        "mfu_formula": "tokens/s * (6*N_active + 12*L_attn*d_attn*T) / peak_bf16; N_active counts routed experts "
+                       "as top_k/n_experts, excludes input embeddings",
+        "results": results,
+    }
+    if len(results) > 1:
+        base = results[0]["tokens_per_s"]
+        for r in results:
+            r["speedup_vs_" + results[0]["backend"]] = round(r["tokens_per_s"] / base, 3)
+    gpu_slug = (gpu or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
+    stem = f"{out['date']}-{gpu_slug}-{args.model_spec}" + (f"-{args.tag}" if args.tag else "")
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{stem}.json"
+    if json_path.exists():
+        stem += time.strftime("-%H%M%S")
+        json_path = results_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
+    (results_dir / f"{stem}.md").write_text(markdown_table(out) + "\n")
+    plot(out, results_dir / f"{stem}.png")
+    print(markdown_table(out))
+    print(f"wrote {json_path} (+ .md, .png)")
+    return json_path
+
+
+def markdown_table(out: dict[str, Any]) -> str:
+    v = out["versions"]
+    cfg = out["config"]["bench"]
+    lines = [
+        f"{out['date']} · {out['gpu'] or 'CPU'} · world size {out['world_size']} · model {cfg['model_spec']} · "
+        f"batch {cfg['per_device_train_batch_size']} · max_length {cfg['max_length']} · "
+        f"experts {cfg['experts_implementation']} · torch {v['torch']} · transformers {v['transformers']} · "
+        f"trl {v['trl']} · peft {v['peft']} · unsloth {v['unsloth']}",
+        "",
+        "| backend | tokens/s | trained tok/s | samples/s | step s (median) | peak GiB | MFU | trainable | epoch h (182,822 q) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["results"]:
+        mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
+        lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} | "
+                     f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
+                     f"{r['trainable_params']:,} | {r['epoch_hours_medmcqa_train']} |")
+    return "\n".join(lines)
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["backend"] for r in out["results"]]
+    values = [r["tokens_per_s"] for r in out["results"]]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    bars = ax.bar(names, values, color=["#4C72B0", "#DD8452", "#55A868"][: len(names)])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
+    ax.set_ylabel("tokens/s (non-padding)")
+    ax.set_title(f"{out['config']['bench']['model_spec']} on {out['gpu'] or 'CPU'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _worker_main(argv: list[str]) -> None:
+    backend, payload, result_path = argv
+    data = json.loads(payload)
+    result = run_worker(BenchArguments(**data["bench"]), LoraArguments(**data["lora"]), backend)
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2:])
