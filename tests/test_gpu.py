@@ -96,8 +96,16 @@ def test_adapter_round_trip_and_merge_on_nano_quarter(nano_quarter, tmp_path):
     with torch.no_grad():
         again = reloaded(input_ids=ids).logits.float()
     torch.testing.assert_close(again, adapted, rtol=0, atol=0)  # identical logits after reload
-    merged = reloaded.merge_and_unload()
+    # Merging in bf16 rounds W + BA once; on a MoE that can flip a token's top-6 experts and move its
+    # logits a lot, so the bf16 merge is checked per position and the strict check is done in fp32.
+    reloaded.merge_adapter()
     with torch.no_grad():
-        merged_logits = merged(input_ids=ids).logits.float()
-    # bf16 weights: W + BA rounds once when merged; allow bf16-level error on logits
-    assert (merged_logits - adapted).abs().max() < 0.05 * adapted.abs().max()
+        bf16_diff = (reloaded(input_ids=ids).logits.float() - adapted).abs().amax(-1)[0]
+    reloaded.unmerge_adapter()
+    assert (bf16_diff < 0.25).float().mean() >= 0.9, bf16_diff
+    reloaded = reloaded.float()
+    with torch.no_grad():
+        adapted32 = reloaded(input_ids=ids).logits
+        reloaded.merge_adapter()
+        merged32 = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(merged32, adapted32, rtol=1e-3, atol=1e-3)
