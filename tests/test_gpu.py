@@ -96,16 +96,27 @@ def test_adapter_round_trip_and_merge_on_nano_quarter(nano_quarter, tmp_path):
     with torch.no_grad():
         again = reloaded(input_ids=ids).logits.float()
     torch.testing.assert_close(again, adapted, rtol=0, atol=0)  # identical logits after reload
-    # Merging in bf16 rounds W + BA once; on a MoE that can flip a token's top-6 experts and move its
-    # logits a lot, so the bf16 merge is checked per position and the strict check is done in fp32.
+    # The merge itself must be exact up to float error: checked in fp32 on a fresh copy of the base.
+    # In bf16 the merged weights round once more; on a random-weight MoE a tiny change can flip routing
+    # and grow through the layers, so bf16 merging is held to "no worse than bf16 inference itself":
+    # its distance from the fp32 reference must stay within 2x that of the unmerged bf16 model.
     reloaded.merge_adapter()
     with torch.no_grad():
-        bf16_diff = (reloaded(input_ids=ids).logits.float() - adapted).abs().amax(-1)[0]
-    reloaded.unmerge_adapter()
-    assert (bf16_diff < 0.25).float().mean() >= 0.9, bf16_diff
-    reloaded = reloaded.float()
+        merged_bf16 = reloaded(input_ids=ids).logits.float()
+    from medlora.config import ModelArguments
+    from medlora.model import load_model
+
+    _, _, path = nano_quarter
+    model32, _ = load_model(ModelArguments(model_name_or_path=str(path), torch_dtype="float32",
+                                           experts_implementation="grouped_mm"), device=torch.device("cuda", 0))
+    peft32 = PeftModel.from_pretrained(model32, tmp_path / "adapter").eval()
     with torch.no_grad():
-        adapted32 = reloaded(input_ids=ids).logits
-        reloaded.merge_adapter()
-        merged32 = reloaded(input_ids=ids).logits
-    torch.testing.assert_close(merged32, adapted32, rtol=1e-3, atol=1e-3)
+        reference = peft32(input_ids=ids).logits
+        peft32.merge_adapter()
+        merged32 = peft32(input_ids=ids).logits
+    torch.testing.assert_close(merged32, reference, rtol=1e-3, atol=1e-3)
+
+    def rel(x):
+        return ((x - reference).norm() / reference.norm()).item()
+
+    assert rel(merged_bf16) <= 2 * rel(adapted) + 1e-2, (rel(merged_bf16), rel(adapted))
