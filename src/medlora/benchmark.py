@@ -231,6 +231,9 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
 
 
 def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
+    if any(r.get("oom") for r in runs):
+        return {"backend": runs[0]["backend"], "oom": True, "error": next(r["error"] for r in runs if r.get("oom")),
+                "tokens_per_s": None}
     times, tokens, trained, padded = [], 0, 0, 0
     for run in runs:
         timed = run["step_times"][run["timed_from_step"]:]
@@ -299,10 +302,11 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
                        "as top_k/n_experts, excludes input embeddings",
         "results": results,
     }
-    if len(results) > 1:
+    if len(results) > 1 and results[0]["tokens_per_s"]:
         base = results[0]["tokens_per_s"]
         for r in results:
-            r["speedup_vs_" + results[0]["backend"]] = round(r["tokens_per_s"] / base, 3)
+            if r["tokens_per_s"]:
+                r["speedup_vs_" + results[0]["backend"]] = round(r["tokens_per_s"] / base, 3)
     gpu_slug = (gpu or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
     stem = f"{out['date']}-{gpu_slug}-{args.model_spec}" + (f"-{args.tag}" if args.tag else "")
     results_dir = Path(args.results_dir)
@@ -332,6 +336,9 @@ def markdown_table(out: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
+        if r.get("oom"):
+            lines.append(f"| {r['backend']} | out of memory | | | | | | | |")
+            continue
         mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
         lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} | "
                      f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
@@ -345,8 +352,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["backend"] for r in out["results"]]
-    values = [r["tokens_per_s"] for r in out["results"]]
+    names = [r["backend"] + (" (OOM)" if r.get("oom") else "") for r in out["results"]]
+    values = [r["tokens_per_s"] or 0 for r in out["results"]]
     fig, ax = plt.subplots(figsize=(5, 3))
     bars = ax.bar(names, values, color=["#4C72B0", "#DD8452", "#55A868"][: len(names)])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
@@ -358,9 +365,14 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
 
 def _worker_main(argv: list[str]) -> None:
+    import torch
+
     backend, payload, result_path = argv
     data = json.loads(payload)
-    result = run_worker(BenchArguments(**data["bench"]), LoraArguments(**data["lora"]), backend)
+    try:
+        result = run_worker(BenchArguments(**data["bench"]), LoraArguments(**data["lora"]), backend)
+    except torch.OutOfMemoryError as err:  # a measured outcome of this setting, not a crash of the bench
+        result = {"backend": backend, "oom": True, "error": str(err).splitlines()[0]}
     Path(result_path).write_text(json.dumps(result))
 
 
