@@ -1,9 +1,10 @@
-"""Execute notebooks/01-03 top to bottom with nbclient and check their key outputs.
+"""Execute notebooks/01-04 top to bottom with nbclient and check their key outputs.
 
 The kernel is the kernelspec "python3". jupyter_client starts it with the interpreter running these tests
 (`sys.executable`, i.e. the project venv), and `test_kernel_is_this_python_and_cwd_is_repo_root` checks that.
 The notebooks run with the repo root as working directory. Notebook 03 trains the tiny model for 30 steps and
-writes outputs/notebook-03 (git-ignored), so these tests take a few minutes on 2 CPU cores.
+writes outputs/notebook-03 (git-ignored), so these tests take a few minutes on 2 CPU cores. Notebook 04 trains with
+Unsloth only on a CUDA GPU; on CPU it skips training and shows the committed benchmark results.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def test_kernel_is_this_python_and_cwd_is_repo_root():
     prefix, cwd = json.loads(nb.cells[-1].outputs[0].text)
     assert Path(prefix).resolve() == Path(sys.prefix).resolve(), f"kernel runs {prefix}, tests run {sys.prefix}"
     assert Path(cwd).resolve() == ROOT.resolve()
-    assert len(cells) == 7  # three notebooks
+    assert len(cells) == 9  # four notebooks
 
 
 @pytest.mark.slow
@@ -136,3 +137,37 @@ def test_03_training_writes_adapter_and_comparison():
     assert summary["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
     assert summary["base"]["accuracy"] == pytest.approx(metrics["base_eval_accuracy"], abs=1e-9)
     assert image_count(nb) >= 2  # loss curve, per-subject comparison
+
+
+def outputs_of(nb, cell_id: str) -> str:
+    cell = next(c for c in nb.cells if c.get("id") == cell_id)
+    return output_text(nbformat.v4.new_notebook(cells=[cell]))
+
+
+@pytest.mark.slow
+def test_04_unsloth_training_cpu_skips_training_and_shows_benchmark():
+    import torch
+
+    out = ROOT / "outputs" / "notebook-04"
+    started = time.time()
+    nb = run_notebook("04_unsloth_training.ipynb")
+    text = output_text(nb)
+    assert "Traceback" not in text
+    if torch.cuda.is_available():
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["backend"] == "unsloth" and metrics["global_steps"] == 30
+        assert (out / "metrics.json").stat().st_mtime >= started - 1
+    else:
+        assert "cannot train here: the Unsloth backend needs an NVIDIA GPU" in text
+        # the exact refusal of medlora.backends.require_unsloth(), printed from the caught MedloraError
+        assert "--backend unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)" in text
+        assert text.count("skipped: no Unsloth on this machine") == 3  # the three training cells
+    # hardware and versions of the committed bench files, read from their JSON
+    assert "H100" in text and "unsloth" in text
+    table = outputs_of(nb, "04-11")  # the benchmark table: one row per (file, backend)
+    assert "tokens_per_s" in table and "epoch_hours_medmcqa_train" in table
+    assert "unsloth" in table and "hf" in table
+    report = outputs_of(nb, "04-08")  # backend_report from the JSON
+    assert "NemotronHBlock" in report and "ParamWrapper" in report
+    assert "NemotronHMamba2Mixer replaced: False" in outputs_of(nb, "04-09")
+    assert image_count(nb) >= 1  # the grouped bar chart

@@ -13,6 +13,7 @@ import contextlib
 import io
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from medlora.config import LoraArguments, MedloraError, ModelArguments
@@ -70,6 +71,8 @@ def load_unsloth(model_args: ModelArguments, lora_args: LoraArguments, max_lengt
     from medlora.model import resolve_dtype, resolve_model_path
 
     path = resolve_model_path(model_args)
+    if Path(path).is_dir():
+        path = str(Path(path).resolve())  # a relative local path makes Unsloth probe the hub for it
     captured = io.StringIO()
     with contextlib.redirect_stdout(_Tee(sys.stdout, captured)), contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
         model, tokenizer = FastLanguageModel.from_pretrained(
