@@ -16,7 +16,7 @@ def test_torchrun_two_processes_train_identical_adapters(tmp_path):
            "--tiny_cache_dir", str(tmp_path / "tiny"), "--eval_accuracy_samples", "6"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["effective_batch_size"] == 2 * metrics["config"]["SFTConfig"]["per_device_train_batch_size"]

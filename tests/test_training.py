@@ -139,3 +139,19 @@ def test_train_unsloth_script_without_gpu_exits_cleanly(tmp_path):
                              "--output_dir", str(tmp_path / "u")], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "needs an NVIDIA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_from_checkpoint_auto_continues_the_run(tmp_path, tiny_dir):
+    from medlora.config import parse_config, training_sections
+    from medlora.train import train
+
+    base = ["--config", "configs/tiny.yaml", "--model_name_or_path", str(tiny_dir), "--output_dir",
+            str(tmp_path / "run"), "--save_steps", "3", "--eval_strategy", "no", "--report_to", "none",
+            "--eval_accuracy_samples", "4", "--disable_tqdm", "true", "--audit", "false"]
+    first = train(*parse_config(base + ["--max_steps", "3"], training_sections()))
+    assert first["global_steps"] == 3 and (tmp_path / "run" / "checkpoint-3").is_dir()
+    resumed = train(*parse_config(base + ["--max_steps", "6", "--resume_from_checkpoint", "auto"],
+                                  training_sections()))
+    assert resumed["global_steps"] == 6
+    steps = [e["step"] for e in resumed["log_history"] if "loss" in e]
+    assert steps and min(steps) > 3  # the resumed run did not start again from step 0

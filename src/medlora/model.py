@@ -124,7 +124,13 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) ->
         try:
             torch.manual_seed(seed)
             model = NemotronHForCausalLM(NemotronHConfig(**config))
-            model.save_pretrained(tmp, safe_serialization=True)
+            # Not model.save_pretrained: under torchrun it writes only on global rank 0, and whichever rank
+            # takes the lock builds (on every node). These are the same files it writes for this model.
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             build_tiny_tokenizer().save_pretrained(tmp)
             (tmp / "medlora_tiny.json").write_text(json.dumps({"spec": stamp, "seed": seed}))
             if output_dir.exists():
