@@ -102,3 +102,15 @@ def unsloth_report(model, log: str) -> dict[str, Any]:
     lines = [ln.strip() for ln in log.splitlines() if "unsloth" in ln.lower() or "patch" in ln.lower()
              or "fall" in ln.lower() or "compil" in ln.lower() or "lora" in ln.lower()]
     return {"log": lines[:60], "patched_module_classes": sorted(patched)[:40]}
+
+
+def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraArguments, max_length: int,
+                      gradient_checkpointing: bool, seed: int, device=None,
+                      trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(LoRA-wrapped model, tokenizer, backend report): the one loading path of `train` and `bench`."""
+    if backend == "unsloth":
+        return load_unsloth(model_args, lora_args, max_length, gradient_checkpointing, seed)
+    from medlora.model import apply_lora, load_model
+
+    model, tokenizer = load_model(model_args, device=device, trust_remote_code=trust_remote_code)
+    return apply_lora(model, lora_args), tokenizer, {}

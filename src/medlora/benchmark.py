@@ -150,22 +150,16 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
     from medlora.config import ModelArguments
     from medlora.data import load_medmcqa
     from medlora.formatting import FormatOptions
-    from medlora.model import apply_lora, load_model
+    from medlora.backends import load_for_training
     from medlora.train import tokenize_rows
 
     path = model_path_for(args)
     model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
     cuda = torch.cuda.is_available()
     started = time.time()
-    report: dict[str, Any] = {}
-    if backend == "unsloth":
-        from medlora.backends import load_unsloth
-
-        model, tokenizer, report = load_unsloth(model_args, lora, args.max_length, args.gradient_checkpointing,
-                                                args.seed)
-    else:
-        model, tokenizer = load_model(model_args, device=torch.device("cuda", 0) if cuda else None)
-        model = apply_lora(model, lora)
+    model, tokenizer, report = load_for_training(backend, model_args, lora, args.max_length,
+                                                 args.gradient_checkpointing, args.seed,
+                                                 torch.device("cuda", 0) if cuda else None)
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps

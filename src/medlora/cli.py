@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from medlora.config import (ConfigError, DataArguments, EvalArguments, LoraArguments, MedloraError,
-                            ModelArguments, PrepareArguments, RunArguments, main_guard, parse_config, training_sections, validate)
+                            ModelArguments, PrepareArguments, main_guard, parse_config, training_sections,
+                            validate)
 
 USAGE = """usage: medlora <command> [--config FILE.yaml] [--flag value ...]
 

@@ -8,7 +8,6 @@ land in `output_dir`. Under `torchrun` the Trainer runs DDP (NCCL on GPUs, gloo 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -182,17 +181,14 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
 
     options = format_options(data_args)
     device = torch.device("cuda", runinfo.local_rank()) if torch.cuda.is_available() else None
-    from medlora.model import apply_lora, load_model, print_lora_table
+    from medlora.backends import load_for_training
+    from medlora.model import print_lora_table
 
-    backend_report: dict[str, Any] = {}
+    model, tokenizer, backend_report = load_for_training(
+        run_args.backend, model_args, lora_args, train_args.max_length or 2048, train_args.gradient_checkpointing,
+        train_args.seed, device, train_args.trust_remote_code)
     if run_args.backend == "unsloth":
-        from medlora.backends import load_unsloth
-
-        model, tokenizer, backend_report = load_unsloth(model_args, lora_args, train_args.max_length or 2048,
-                                                        train_args.gradient_checkpointing, train_args.seed)
         train_args.gradient_checkpointing = False  # Unsloth applied its own checkpointing in get_peft_model
-    else:
-        model, tokenizer = load_model(model_args, device=device, trust_remote_code=train_args.trust_remote_code)
     data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
     for report in data.reports:
         console.print(f"[bold]data[/] {report.summary()}")
@@ -208,8 +204,6 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     console.print("first training example (prompt is masked; «trained»):", markup=False)
     console.print(render_example(tokenizer, train_ds[0]), markup=False, highlight=False)
 
-    if run_args.backend == "hf":
-        model = apply_lora(model, lora_args)
     lora_counts = print_lora_table(model, console)
 
     from trl import SFTTrainer
@@ -300,7 +294,3 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     if not math.isfinite(metrics["train_loss"]):
         raise MedloraError(f"training loss is {metrics['train_loss']}; see {output_dir}")
     return metrics
-
-
-def json_dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
