@@ -17,7 +17,6 @@ as if trained, LoRA's own FLOPs are not). Peak: 989 TFLOP/s dense bf16 for H100/
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -71,27 +70,23 @@ def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    from medlora.model import build_tiny_tokenizer
+    from medlora.model import build_tiny_tokenizer, write_model_dir
 
     if spec not in SPECS:
         raise MedloraError(f"--model_spec must be tiny, a local dir, or one of {sorted(SPECS)}; got {spec!r}")
-    out = Path(cache_dir) / spec
-    if (out / "config.json").exists() and (out / "medlora_spec.json").exists():
-        return out
     config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = NemotronHForCausalLM(config).to(torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(prefix=spec + ".tmp-", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(tmp, safe_serialization=True)
-    build_tiny_tokenizer().save_pretrained(tmp)  # ids < 2048 fit any vocabulary; lengths differ from Nemotron's
-    (tmp / "medlora_spec.json").write_text(json.dumps({"spec": spec, "pattern": SPECS[spec], "seed": seed}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return out
+
+    def write(tmp: Path) -> None:  # single process: save_pretrained's rank-0 rule is no concern here
+        torch.manual_seed(seed)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = NemotronHForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tiny_tokenizer().save_pretrained(tmp)  # ids < 2048 fit any vocabulary; lengths differ from Nemotron's
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return write_model_dir(Path(cache_dir) / spec, {"spec": spec, "pattern": SPECS[spec], "seed": seed}, write)
 
 
 def model_path_for(args: BenchArguments) -> str:

@@ -354,9 +354,10 @@ def load_medmcqa(
 
     Strict by default: any invalid row raises `DataError` listing file, line and field.
     With `skip_invalid` the valid rows are returned and the report holds the skipped ones.
-    `evaluation=True` keeps the text exactly as given (no cleaning: lm-eval parity), and rows whose correct option text repeats, whose
-    options are all identical, or which repeat an earlier question are kept (flagged `ambiguous` /
-    counted), because lm-evaluation-harness scores them too; structural errors still fail.
+    `evaluation=True` keeps the text exactly as given (no cleaning: lm-eval parity), and rows whose
+    correct option text repeats, whose options are all identical, or which repeat an earlier question
+    are kept (flagged `ambiguous` / counted), because lm-evaluation-harness scores them too;
+    structural errors still fail.
     """
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):

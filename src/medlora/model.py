@@ -105,40 +105,52 @@ def _spec_hash(config: dict[str, Any], seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a random tiny Nemotron-H + tokenizer to `output_dir` (atomically; reused if current)."""
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+def write_model_dir(output_dir: str | Path, stamp: dict[str, Any], write) -> Path:
+    """Build `output_dir` once: `write(tmp_dir)` fills a temporary directory that then replaces it.
 
+    `stamp` is stored as `medlora_model.json`; a directory holding the same stamp is reused. A file lock
+    makes concurrent callers (torchrun ranks, parallel tests) build it once, and readers never see a
+    half-written model.
+    """
     from filelock import FileLock
 
     output_dir = Path(output_dir)
-    config = tiny_config_dict(**overrides)
-    stamp = _spec_hash(config, seed)
-    marker = output_dir / "medlora_tiny.json"
+    marker = output_dir / "medlora_model.json"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # torchrun ranks (and parallel tests) may ask at once: one builds, the others wait and reuse it
     with FileLock(str(output_dir) + ".lock"):
-        if marker.exists() and json.loads(marker.read_text()).get("spec") == stamp:
+        if marker.exists() and json.loads(marker.read_text()) == stamp:
             return output_dir
         tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
         try:
-            torch.manual_seed(seed)
-            model = NemotronHForCausalLM(NemotronHConfig(**config))
-            # Not model.save_pretrained: under torchrun it writes only on global rank 0, and whichever rank
-            # takes the lock builds (on every node). These are the same files it writes for this model.
-            from safetensors.torch import save_model
-
-            model.config.save_pretrained(tmp)
-            model.generation_config.save_pretrained(tmp)
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            build_tiny_tokenizer().save_pretrained(tmp)
-            (tmp / "medlora_tiny.json").write_text(json.dumps({"spec": stamp, "seed": seed}))
+            write(tmp)
+            (tmp / marker.name).write_text(json.dumps(stamp))
             if output_dir.exists():
                 shutil.rmtree(output_dir)
             os.replace(tmp, output_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random tiny Nemotron-H + tokenizer to `output_dir` (atomically; reused if current)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    config = tiny_config_dict(**overrides)
+
+    def write(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        model = NemotronHForCausalLM(NemotronHConfig(**config))
+        # Not model.save_pretrained: under torchrun it writes only on global rank 0, and whichever rank
+        # takes the lock builds (on every node). These are the same files it writes for this model.
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        build_tiny_tokenizer().save_pretrained(tmp)
+
+    return write_model_dir(output_dir, {"tiny": _spec_hash(config, seed), "seed": seed}, write)
 
 
 def resolve_model_path(args: ModelArguments) -> str:
