@@ -155,3 +155,13 @@ def test_resume_from_checkpoint_auto_continues_the_run(tmp_path, tiny_dir):
     assert resumed["global_steps"] == 6
     steps = [e["step"] for e in resumed["log_history"] if "loss" in e]
     assert steps and min(steps) > 3  # the resumed run did not start again from step 0
+
+
+def test_building_the_tiny_model_leaves_the_callers_rng_alone(tmp_path):
+    from medlora.model import build_tiny_model
+
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    build_tiny_model(tmp_path / "tiny")  # a fresh build: seeds and draws its own random weights
+    torch.testing.assert_close(torch.rand(3), expected)

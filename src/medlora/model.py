@@ -122,7 +122,10 @@ def write_model_dir(output_dir: str | Path, stamp: dict[str, Any], write) -> Pat
             return output_dir
         tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
         try:
-            write(tmp)
+            # The builders seed their own RNG; the caller's RNG (set_seed before loading, then LoRA init)
+            # must not depend on whether the directory already existed.
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                write(tmp)
             (tmp / marker.name).write_text(json.dumps(stamp))
             if output_dir.exists():
                 shutil.rmtree(output_dir)
