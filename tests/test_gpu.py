@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 NANO_CACHE = os.environ.get("MEDLORA_BENCH_MODELS", str(ROOT / "outputs" / "bench-models"))
 
 
-@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+@pytest.mark.parametrize("backend", ["hf", "unsloth", "fast"])
 def test_tiny_train_and_eval_bf16(backend, tmp_path):
     out = tmp_path / backend
     result = run_cli(["train", "--config", "configs/tiny.yaml", "--backend", backend, "--output_dir", str(out),

@@ -98,11 +98,17 @@ def train_on_synthetic(tmp_path, tiny_cache_dir, seed: int = SEED, extra_flags=(
     return train(*args), args
 
 
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory, tiny_dir):
+    tmp_path = tmp_path_factory.mktemp("learn-hf")
+    return tmp_path, *train_on_synthetic(tmp_path, tiny_dir)
+
+
 @pytest.mark.timeout(900)
-def test_lora_learns_a_synthetic_medmcqa_task_from_chance_to_95_percent(tmp_path, tiny_dir):
+def test_lora_learns_a_synthetic_medmcqa_task_from_chance_to_95_percent(hf_run):
     from medlora.train import load_training_data
 
-    metrics, (model_args, lora_args, data_args, run_args, train_args) = train_on_synthetic(tmp_path, tiny_dir)
+    tmp_path, metrics, (model_args, lora_args, data_args, run_args, train_args) = hf_run
 
     # The CPU defaults of parse_config applied, and the production loss path ran.
     assert train_args.use_cpu and not train_args.bf16 and train_args.optim == "adamw_torch"
@@ -134,3 +140,16 @@ def test_lora_learns_a_synthetic_medmcqa_task_from_chance_to_95_percent(tmp_path
     written = json.loads((out / "metrics.json").read_text())
     assert written["eval_accuracy"] == metrics["eval_accuracy"]
     assert written["base_eval_accuracy"] == metrics["base_eval_accuracy"]
+
+
+@pytest.mark.timeout(900)
+def test_backend_fast_reaches_the_same_accuracy_as_hf_from_the_same_seed(hf_run, tmp_path, tiny_dir):
+    """Same seed, same data, same steps: `fast` (padding-free stream, grouped-LoRA MoE, reference Mamba2 on
+    CPU) learns what `hf` learns. fp32 on CPU; the paths differ only in summation order."""
+    _, hf_metrics, _ = hf_run
+    metrics, _ = train_on_synthetic(tmp_path, tiny_dir, extra_flags=["--backend", "fast"])
+    assert metrics["backend"] == "fast" and metrics["backend_report"]["levers"]
+    assert metrics["eval_accuracy"] >= 0.95
+    assert abs(metrics["eval_accuracy"] - hf_metrics["eval_accuracy"]) <= 1 / 80  # at most one question apart
+    assert abs(metrics["train_loss"] - hf_metrics["train_loss"]) < 1e-3 * hf_metrics["train_loss"]
+    assert metrics["base_eval_accuracy"] == hf_metrics["base_eval_accuracy"]

@@ -106,11 +106,22 @@ def unsloth_report(model, log: str) -> dict[str, Any]:
 
 def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraArguments, max_length: int,
                       gradient_checkpointing: bool, seed: int, device=None,
-                      trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
-    """(LoRA-wrapped model, tokenizer, backend report): the one loading path of `train` and `bench`."""
+                      trust_remote_code: bool = False, fast_levers=None) -> tuple[Any, Any, dict[str, Any]]:
+    """(LoRA-wrapped model, tokenizer, backend report): the one loading path of `train` and `bench`.
+
+    `fast` loads exactly what `hf` loads (same weights, same PEFT adapters) and then switches the
+    backbone's forward to `medlora.fast`; with it, activation checkpointing is done per block by
+    medlora, so the caller must leave the Trainer's own checkpointing off.
+    """
     if backend == "unsloth":
         return load_unsloth(model_args, lora_args, max_length, gradient_checkpointing, seed)
     from medlora.model import apply_lora, load_model
 
     model, tokenizer = load_model(model_args, device=device, trust_remote_code=trust_remote_code)
-    return apply_lora(model, lora_args), tokenizer, {}
+    model = apply_lora(model, lora_args)
+    if backend == "fast":
+        from medlora import fast
+
+        levers = tuple(fast.LEVERS if fast_levers is None else fast_levers)
+        return model, tokenizer, fast.enable(model, levers, gradient_checkpointing)
+    return model, tokenizer, {}

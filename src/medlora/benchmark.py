@@ -48,13 +48,18 @@ SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
 @dataclass
 class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
-    backends: list[str] = field(default_factory=lambda: ["hf"], metadata={"help": "hf and/or unsloth"})
+    backends: list[str] = field(default_factory=lambda: ["hf"], metadata={
+        "help": "hf, unsloth, fast, fast[lever+lever] (only those levers on), hf+triton (hf with Triton Mamba ops)"})
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "questions per step"})
     max_length: int = field(default=1024, metadata={"help": "longer examples are left out (and counted)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing"})
+    backend_batch_size: list[str] = field(default_factory=list, metadata={
+        "help": "per-backend questions per step, e.g. hf=4 unsloth=16 fast=64 (each backend at its best)"})
+    backend_gradient_checkpointing: list[str] = field(default_factory=list, metadata={
+        "help": "per-backend activation checkpointing, e.g. hf=false fast=true"})
     experts_implementation: str | None = field(default="grouped_mm", metadata={"help": "MoE experts kernel"})
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
@@ -129,10 +134,57 @@ def peak_tflops(gpu_name: str | None) -> float | None:
     return None
 
 
+def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None]:
+    """'fast[triton_mamba+varlen_attention]' -> ('fast', levers); 'hf', 'unsloth', 'hf+triton' -> (name, None)."""
+    from medlora.fast import LEVERS
+
+    if spec in ("hf", "unsloth", "hf+triton"):
+        return spec, None
+    if spec == "fast":
+        return "fast", tuple(LEVERS)
+    if spec.startswith("fast[") and spec.endswith("]"):
+        inner = spec[5:-1]
+        levers = () if inner in ("", "none") else tuple(inner.split("+"))
+        unknown = set(levers) - set(LEVERS)
+        if not unknown:
+            return "fast", levers
+        raise MedloraError(f"--backends {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
+    raise MedloraError(f"--backends: unknown backend {spec!r} (hf, unsloth, fast, fast[lever+...], hf+triton)")
+
+
+def per_backend(entries: list[str], spec: str, default, cast, option: str):
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        if not sep:
+            raise MedloraError(f"--{option}: {entry!r} is not backend=value")
+        if name == spec:
+            try:
+                return cast(value)
+            except ValueError:
+                raise MedloraError(f"--{option}: {entry!r}: bad value {value!r}") from None
+    return default
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(text)
+
+
+def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool]:
+    return (per_backend(args.backend_batch_size, spec, args.per_device_train_batch_size, int, "backend_batch_size"),
+            per_backend(args.backend_gradient_checkpointing, spec, args.gradient_checkpointing, _bool,
+                        "backend_gradient_checkpointing"))
+
+
 # ---------------------------------------------------------------- worker (one backend, one process)
 
 
-def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[str, Any]:
+def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str, Any]:
+    backend, levers = parse_backend(spec)
+    batch, checkpointing = settings_for(args, spec)
     if backend == "unsloth":
         from medlora.backends import require_unsloth
 
@@ -152,13 +204,19 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
     model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
     cuda = torch.cuda.is_available()
     started = time.time()
-    model, tokenizer, report = load_for_training(backend, model_args, lora, args.max_length,
-                                                 args.gradient_checkpointing, args.seed,
-                                                 torch.device("cuda", 0) if cuda else None)
+    patched = {}
+    if backend == "hf+triton":
+        from medlora.fast import patch_hf_mamba_ops
+
+        patched = patch_hf_mamba_ops()
+    model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
+                                                 args.max_length, checkpointing, args.seed,
+                                                 torch.device("cuda", 0) if cuda else None, fast_levers=levers)
+    report = {**report, **patched}
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
-    need = steps * args.per_device_train_batch_size
+    need = steps * batch
     dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain"), args.max_length, "bench")
     dataset = dataset.select(range(min(need, len(dataset))))
     if len(dataset) < need:
@@ -167,9 +225,9 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
     patch_trl_cpu_loss()
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="medlora-bench-"), max_steps=steps,
-        per_device_train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=1,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        gradient_checkpointing=args.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing=checkpointing and backend in ("hf", "hf+triton"),  # others checkpoint themselves
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda, use_cpu=not cuda,
         optim=args.optim if cuda else "adamw_torch", max_length=args.max_length, completion_only_loss=True,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000,
@@ -194,14 +252,14 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     # sequential sampler, no accumulation: step i trains examples [i*B, (i+1)*B)
-    b = args.per_device_train_batch_size
+    b = batch
     lengths = [len(x) for x in dataset["input_ids"]]
     trained = [sum(m) for m in dataset["completion_mask"]]
     per_step = [(sum(lengths[i * b:(i + 1) * b]), sum(trained[i * b:(i + 1) * b]), b * max(lengths[i * b:(i + 1) * b]))
                 for i in range(steps)]
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
-        "backend": backend, "load_s": round(load_s, 1), "step_times": step_times,
+        "backend": spec, "batch_size": batch, "load_s": round(load_s, 1), "step_times": step_times,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
         "timed_from_step": args.bench_warmup_steps,
         "mean_tokens_per_sample": statistics.fmean(lengths),
@@ -210,8 +268,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
         "params": active_params(base_model),
         "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
         "too_long_left_out": len(too_long),
-        "gradient_checkpointing": "unsloth" if backend == "unsloth" and args.gradient_checkpointing
-        else args.gradient_checkpointing,
+        "gradient_checkpointing": "unsloth" if backend == "unsloth" and checkpointing else checkpointing,
         "backend_report": report,
     }
 
@@ -221,7 +278,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, backend: str) -> dict[
 
 def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
     if any(r.get("oom") for r in runs):
-        return {"backend": runs[0]["backend"], "oom": True, "error": next(r["error"] for r in runs if r.get("oom")),
+        return {"backend": runs[0]["backend"], "batch_size": batch, "oom": True, "error": next(r["error"] for r in runs if r.get("oom")),
                 "tokens_per_s": None}
     times, tokens, trained, padded = [], 0, 0, 0
     for run in runs:
@@ -236,6 +293,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
     samples_per_s = batch * len(times) / total
     return {
         "backend": first["backend"],
+        "batch_size": batch,
         "tokens_per_s": round(tokens_per_s, 1),
         "trained_tokens_per_s": round(trained / total, 1),
         "padded_tokens_per_s": round(padded / total, 1),
@@ -260,9 +318,9 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
 
     from medlora import runinfo
 
-    for backend in args.backends:
-        if backend not in ("hf", "unsloth"):
-            raise MedloraError(f"--backends: unknown backend {backend!r} (hf, unsloth)")
+    for spec in args.backends:
+        backend, _ = parse_backend(spec)
+        settings_for(args, spec)
         if backend == "unsloth" and not torch.cuda.is_available():
             raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
     model_path_for(args)  # build once, before the timed workers
@@ -281,7 +339,7 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             runs[backend].append(json.loads(Path(result_path).read_text()))
     hw = runinfo.hardware()
     gpu = hw.get("gpu")
-    results = [summarise_backend(runs[b], args.per_device_train_batch_size, gpu) for b in args.backends]
+    results = [summarise_backend(runs[b], settings_for(args, b)[0], gpu) for b in args.backends]
     for r in results:
         r["model"] = args.model_spec
     out = {
@@ -291,11 +349,11 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
                        "as top_k/n_experts, excludes input embeddings",
         "results": results,
     }
-    if len(results) > 1 and results[0]["tokens_per_s"]:
-        base = results[0]["tokens_per_s"]
-        for r in results:
-            if r["tokens_per_s"]:
-                r["speedup_vs_" + results[0]["backend"]] = round(r["tokens_per_s"] / base, 3)
+    for base in results:  # every backend against the plain stacks it should beat
+        if base["backend"] in ("hf", "unsloth", "hf+triton") and base["tokens_per_s"]:
+            for r in results:
+                if r["tokens_per_s"]:
+                    r["speedup_vs_" + base["backend"]] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
     gpu_slug = (gpu or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
     stem = f"{out['date']}-{gpu_slug}-{args.model_spec}" + (f"-{args.tag}" if args.tag else "")
     results_dir = Path(args.results_dir)
@@ -321,15 +379,18 @@ def markdown_table(out: dict[str, Any]) -> str:
         f"experts {cfg['experts_implementation']} · torch {v['torch']} · transformers {v['transformers']} · "
         f"trl {v['trl']} · peft {v['peft']} · unsloth {v['unsloth']}",
         "",
-        "| backend | tokens/s | trained tok/s | samples/s | step s (median) | peak GiB | MFU | trainable | epoch h (182,822 q) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | batch | checkpointing | tokens/s | vs hf | vs unsloth | trained tok/s | samples/s | step s (median) "
+        "| peak GiB | MFU | trainable | epoch h (182,822 q) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         if r.get("oom"):
-            lines.append(f"| {r['backend']} | out of memory | | | | | | | |")
+            lines.append(f"| {r['backend']} | {r['batch_size']} | | out of memory | | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
-        lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} | "
+        ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("speedup_vs_hf", "speedup_vs_unsloth"))
+        lines.append(f"| {r['backend']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
+                     f"{r['tokens_per_s']:,.0f} | {ratios} | {r['trained_tokens_per_s']:,.0f} | "
                      f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
                      f"{r['trainable_params']:,} | {r['epoch_hours_medmcqa_train']} |")
     return "\n".join(lines)
@@ -343,8 +404,9 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     names = [r["backend"] + (" (OOM)" if r.get("oom") else "") for r in out["results"]]
     values = [r["tokens_per_s"] or 0 for r in out["results"]]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    bars = ax.bar(names, values, color=["#4C72B0", "#DD8452", "#55A868"][: len(names)])
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3))
+    bars = ax.bar(names, values, color=(["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"] * 3)[: len(names)])
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
     ax.set_ylabel("tokens/s (non-padding)")
     ax.set_title(f"{out['config']['bench']['model_spec']} on {out['gpu'] or 'CPU'}", fontsize=9)

@@ -21,7 +21,8 @@ import yaml
 
 TINY_MODEL = "tiny"
 REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
-BACKENDS = ("hf", "unsloth")
+BACKENDS = ("hf", "unsloth", "fast")
+FAST_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")  # medlora.fast.LEVERS
 
 
 class ConfigError(ValueError):
@@ -86,7 +87,10 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    backend: str = field(default="hf", metadata={"help": "hf (Transformers + PEFT + TRL) or unsloth"})
+    backend: str = field(default="hf", metadata={"help": "hf (Transformers + PEFT + TRL), unsloth, or fast "
+                                                         "(medlora's padding-free Triton path; see AGENTS.md)"})
+    fast_levers: list[str] = field(default_factory=lambda: list(FAST_LEVERS),
+                                   metadata={"help": "backend fast: kernels to use (the rest run PyTorch references)"})
     eval_accuracy_samples: int = field(
         default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
     )
@@ -271,14 +275,16 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(run.backend in BACKENDS, f"--backend must be one of {BACKENDS}, got {run.backend!r}")
         need(run.eval_accuracy_samples >= 0, "--eval_accuracy_samples must be >= 0")
         need(run.eval_batch_size > 0, "--eval_batch_size must be positive")
+        unknown = set(run.fast_levers) - set(FAST_LEVERS)
+        need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {FAST_LEVERS}")
     if train is not None:
         need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
         need(train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive")
         need(train.learning_rate > 0, f"--learning_rate must be positive, got {train.learning_rate}")
         need(train.max_length is None or train.max_length > 16, f"--max_length too small: {train.max_length}")
-        need(not train.packing, "--packing: samples packed into one row would leak into each other through "
+        need(not train.packing or (run is not None and run.backend == "fast"), "--packing: samples packed into one row would leak into each other through "
              "NemotronH's Mamba2 state and convolution (transformers' path has no sequence boundaries); "
-             "leave it off (padding is per batch)")
+             "leave it off (padding is per batch), or use --backend fast, which keeps the boundaries")
 
 
 def to_dict(*sections: Any) -> dict[str, Any]:

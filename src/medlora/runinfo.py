@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 PACKAGES = ("medlora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-            "unsloth", "unsloth_zoo", "triton", "tokenizers")
+            "unsloth", "unsloth_zoo", "triton", "tokenizers", "fla-core", "mamba_ssm")
 
 
 def versions() -> dict[str, Any]:
@@ -23,7 +24,12 @@ def versions() -> dict[str, Any]:
     import torch
 
     out["cuda"] = torch.version.cuda
+    if out["mamba_ssm"] is None and os.environ.get("MEDLORA_MAMBA_SSM_SRC"):  # source tree used by backend fast
+        init = Path(os.environ["MEDLORA_MAMBA_SSM_SRC"]) / "mamba_ssm" / "__init__.py"
+        found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", init.read_text()) if init.exists() else None
+        out["mamba_ssm"] = f"{found.group(1)} (source: MEDLORA_MAMBA_SSM_SRC)" if found else None
     out["git_commit"] = _git_commit()
+    out["git_dirty"] = _git_dirty()
     return out
 
 
@@ -38,6 +44,17 @@ def hardware() -> dict[str, Any]:
     else:
         info["gpu"] = None
     return info
+
+
+def _git_dirty() -> bool | None:
+    """True when tracked files differ from the commit: the numbers then belong to uncommitted code."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _git_commit() -> str | None:

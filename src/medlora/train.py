@@ -92,6 +92,26 @@ def tokenize_rows(rows, tokenizer, options: FormatOptions, max_length: int | Non
     return Dataset.from_list(encoded), too_long
 
 
+def masked_labels(example: dict[str, Any]) -> list[int]:
+    return [t if m else -100 for t, m in zip(example["input_ids"], example["completion_mask"])]
+
+
+def check_packed(prepared, train_ds) -> None:
+    """Every training example appears in TRL's packed rows exactly once, with the same tokens and labels."""
+    from collections import Counter
+
+    want = Counter((tuple(e["input_ids"]), tuple(masked_labels(e))) for e in train_ds)
+    got: Counter = Counter()
+    for row in prepared:
+        start = 0
+        for n in row["seq_lengths"]:
+            got[(tuple(row["input_ids"][start:start + n]), tuple(row["labels"][start:start + n]))] += 1
+            start += n
+    if got != want:
+        raise MedloraError(f"TRL packing changed the training set: {sum((want - got).values())} of {len(train_ds)} "
+                           f"examples missing or altered, {sum((got - want).values())} unexpected")
+
+
 def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
     if not output_dir.exists() or overwrite or resume:
         return
@@ -186,9 +206,9 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
 
     model, tokenizer, backend_report = load_for_training(
         run_args.backend, model_args, lora_args, train_args.max_length or 2048, train_args.gradient_checkpointing,
-        train_args.seed, device, train_args.trust_remote_code)
-    if run_args.backend == "unsloth":
-        train_args.gradient_checkpointing = False  # Unsloth applied its own checkpointing in get_peft_model
+        train_args.seed, device, train_args.trust_remote_code, run_args.fast_levers)
+    if run_args.backend in ("unsloth", "fast"):
+        train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
     data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
     for report in data.reports:
         console.print(f"[bold]data[/] {report.summary()}")
@@ -222,14 +242,23 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
 
     audits = {}
     prepared = trainer.train_dataset
-    if len(prepared) != len(train_ds):  # TRL drops fully masked rows; none may vanish silently
+    if train_args.packing:
+        check_packed(prepared, train_ds)
+    elif len(prepared) != len(train_ds):  # TRL drops fully masked rows; none may vanish silently
         raise MedloraError(f"TRL dropped {len(train_ds) - len(prepared)} of {len(train_ds)} training examples")
     if run_args.audit:
         n = min(len(train_ds), max(train_args.per_device_train_batch_size, 8))
-        batch = trainer.data_collator([prepared[i] for i in range(n)])
         stops = stop_token_ids(tokenizer, options)
+        if train_args.packing:  # the label audit reads rows; packed rows were checked against them above
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+            rows = [{"input_ids": train_ds[i]["input_ids"], "labels": masked_labels(train_ds[i])} for i in range(n)]
+            batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+        else:
+            batch = trainer.data_collator([prepared[i] for i in range(n)])
         audits["labels"] = audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops)
-        small = trainer.data_collator([prepared[i] for i in range(min(n, train_args.per_device_train_batch_size))])
+        small = trainer.data_collator([prepared[i] for i in range(min(len(prepared),
+                                                                      train_args.per_device_train_batch_size))])
         audits["gradients"] = audit_gradients(trainer.model, small)
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
 

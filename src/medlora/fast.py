@@ -1,0 +1,422 @@
+"""Backend `fast`: a padding-free Nemotron-H training forward with Triton Mamba2, grouped-LoRA MoE and varlen attention.
+
+The model is the same `NemotronHForCausalLM` + PEFT LoRA that `hf` trains (same parameters, same
+adapter files); only the backbone's forward is replaced, on this one instance:
+
+* padding-free: the real tokens of a batch become one stream; sequence starts come from the attention
+  mask (each row) and from `position_ids` resetting to 0 (rows packed by TRL). Every mixer respects
+  them — attention is block-diagonal, the convolution and the SSM state restart at each sequence.
+* Mamba2: `in_proj` and `out_proj` are called as modules, so their LoRA adapters act; the causal
+  convolution runs in fla-core's Triton kernel (`cu_seqlens`), the SSD scan in mamba_ssm's Triton
+  `mamba_chunk_scan_combined` (`seq_idx`), both loaded without any CUDA extension.
+* MoE: tokens sorted by expert, one grouped GEMM per projection over the frozen experts, and the
+  LoRA update as two grouped low-rank GEMMs on the same routed tokens — W + BA is never formed
+  (PEFT's `target_parameters` path forms it for all 128 experts on every call).
+* attention: `torch.nn.attention.varlen.varlen_attn` (flash) over `cu_seqlens`.
+* the LM head is TRL's: it projects only the positions with a label (completion tokens) in chunks.
+
+Each kernel has an exact PyTorch reference (used on CPU, where the Triton kernels cannot run, and
+in the equivalence tests). `levers` switches kernels off one at a time for the bench.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medlora.config import FAST_LEVERS as LEVERS  # triton_mamba, grouped_lora_moe, varlen_attention
+from medlora.config import MedloraError
+
+
+# ---------------------------------------------------------------- sequence layout
+
+
+@dataclass
+class Stream:
+    """Where each sequence of a padding-free token stream starts and ends."""
+
+    keep: torch.Tensor | None  # flat indices of the real tokens in the (B*L) batch; None when nothing was padded
+    seq_id: torch.Tensor  # [T] sequence number of each token
+    pos: torch.Tensor  # [T] position inside its sequence
+    cu_seqlens: torch.Tensor  # [N+1] int32
+    max_len: int
+    shape: tuple[int, int]  # (B, L) of the batch the stream came from
+
+
+def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, position_ids=None) -> Stream:
+    b, length = batch_shape
+    keep = None
+    row = torch.arange(b, device=device).repeat_interleave(length)
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+        row = row[keep]
+    start = torch.ones_like(row, dtype=torch.bool)
+    start[1:] = row[1:] != row[:-1]
+    if position_ids is not None and attention_mask is None:  # TRL padding-free / packed rows: 0 starts a sequence
+        flat = position_ids.reshape(-1)
+        start |= (flat if keep is None else flat[keep]) == 0
+    seq_id = torch.cumsum(start.int(), 0) - 1
+    lengths = torch.bincount(seq_id)
+    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    pos = torch.arange(seq_id.numel(), device=device) - cu[seq_id].long()
+    return Stream(keep, seq_id, pos, cu, int(lengths.max()), (b, length))
+
+
+# ---------------------------------------------------------------- kernels: loading
+
+
+@functools.cache
+def _load_mamba_ssd():
+    """mamba_ssm's Triton SSD without importing `mamba_ssm/__init__` (which needs the CUDA extension).
+
+    Found as an installed `mamba_ssm` (e.g. `MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm`) or a source
+    tree named by MEDLORA_MAMBA_SSM_SRC (the folder that holds `mamba_ssm/`).
+    """
+    src = os.environ.get("MEDLORA_MAMBA_SSM_SRC")
+    if src:
+        pkg = Path(src) / "mamba_ssm"
+    else:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("mamba_ssm not found (install it with MAMBA_SKIP_CUDA_BUILD=TRUE, or set "
+                              "MEDLORA_MAMBA_SSM_SRC to an unpacked mamba_ssm source tree)")
+        pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / "ops" / "triton" / "ssd_combined.py").exists():
+        raise ImportError(f"{pkg}: no ops/triton/ssd_combined.py")
+    stubs = {}
+    for name, sub in (("mamba_ssm", ""), ("mamba_ssm.ops", "ops"), ("mamba_ssm.ops.triton", "ops/triton"),
+                      ("mamba_ssm.utils", "utils")):
+        if name not in sys.modules:  # empty packages: their __init__ files import the CUDA extension
+            module = types.ModuleType(name)
+            module.__path__ = [str(pkg / sub) if sub else str(pkg)]
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            sys.modules[name] = stubs[name] = module
+    try:
+        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+    finally:
+        # forget every mamba_ssm module again (the loaded functions keep theirs), so that transformers in
+        # this process never concludes that mamba_ssm is installed and switches `hf` to its CUDA-only path
+        for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+    return ssd
+
+
+@functools.cache
+def _load_fla_conv():
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d
+
+
+@dataclass
+class Kernels:
+    ssd: Any = None  # mamba_chunk_scan_combined or None (PyTorch reference)
+    conv: Any = None  # fla causal_conv1d or None
+    varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
+    grouped_lora_moe: bool = True
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "mamba_ssd": "mamba_ssm Triton mamba_chunk_scan_combined (seq_idx)" if self.ssd else "PyTorch reference (chunked, exact)",
+            "mamba_conv": "fla-core Triton causal_conv1d (cu_seqlens)" if self.conv else "PyTorch reference",
+            "attention": "torch varlen_attn (flash, cu_seqlens)" if self.varlen_attention else "SDPA + block-diagonal causal mask",
+            "moe_lora": "grouped GEMM + grouped low-rank LoRA on routed tokens" if self.grouped_lora_moe
+            else "PEFT target_parameters (W + BA for every expert)",
+        }
+
+
+def load_kernels(levers: tuple[str, ...] = LEVERS, device=None) -> tuple[Kernels, list[str]]:
+    """The kernels this machine can run for the requested levers, and a message for each one that fell back."""
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise MedloraError(f"fast levers: unknown {sorted(unknown)}; choose from {LEVERS}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    kernels, notes = Kernels(grouped_lora_moe="grouped_lora_moe" in levers), []
+    if "triton_mamba" in levers:
+        if not cuda:
+            notes.append("fast: no CUDA device, so Mamba2 runs its exact PyTorch reference (correct, not fast)")
+        else:
+            try:
+                kernels.ssd = _load_mamba_ssd()
+            except Exception as err:  # noqa: BLE001 - any import failure means: use the reference, and say why
+                notes.append(f"fast: Triton SSD unavailable ({err}); Mamba2 SSD uses the PyTorch reference")
+            try:
+                kernels.conv = _load_fla_conv()
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"fast: fla-core causal_conv1d unavailable ({err}); `uv sync --extra fast` installs it; "
+                             "the convolution uses the PyTorch reference")
+    if "varlen_attention" in levers:
+        if cuda:
+            try:
+                from torch.nn.attention.varlen import varlen_attn
+
+                kernels.varlen_attention = varlen_attn
+            except ImportError as err:
+                notes.append(f"fast: torch varlen_attn unavailable ({err}); attention uses SDPA with a mask")
+    return kernels, notes
+
+
+# ---------------------------------------------------------------- kernels: PyTorch references
+
+
+def conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stream: Stream) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over a [T, D] stream; taps never reach into the previous sequence."""
+    width = weight.shape[1]
+    out = x * weight[:, width - 1]
+    for shift in range(1, width):
+        shifted = F.pad(x[:-shift], (0, 0, shift, 0))
+        out = out + shifted * weight[:, width - 1 - shift] * (stream.pos >= shift).unsqueeze(1).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out)
+
+
+def ssd_reference(x, dt, A, B, C, D, seq_id, chunk: int) -> torch.Tensor:
+    """Mamba2 SSD over one stream, chunked like mamba_ssm, with state resets at sequence starts.
+
+    x [T, h, p], dt [T, h] (after softplus and clamp), A [h], B/C [T, h, n], D [h], seq_id [T]. fp32.
+    """
+    T, h, p = x.shape
+    pad = (-T) % chunk
+    if pad:  # padded tokens form their own sequence: nothing flows in or out of them
+        x, dt, B, C = (F.pad(t, (0,) * (2 * t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+        seq_id = torch.cat([seq_id, seq_id.new_full((pad,), int(seq_id.max()) + 1)])
+    nc = x.shape[0] // chunk
+    x, dt, B, C, seq = (t.reshape(nc, chunk, *t.shape[1:]) for t in (x, dt, B, C, seq_id))
+    cs = torch.cumsum(dt * A, dim=1)  # [nc, Q, h]
+    same = (seq[:, :, None] == seq[:, None, :]) & torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    diff = cs[:, :, None, :] - cs[:, None, :, :]  # [nc, t, s, h]
+    decay = torch.exp(diff.masked_fill(~same[..., None], float("-inf")))
+    scores = torch.einsum("ctkn,cskn->ctsk", C, B) * decay * dt[:, None, :, :]
+    y = torch.einsum("ctsk,cskp->ctkp", scores, x)
+    # state each chunk leaves behind, counting only tokens of the chunk's last sequence
+    last = seq[:, -1:]
+    to_end = torch.exp(cs[:, -1:, :] - cs) * dt * (seq == last)[..., None]  # [nc, Q, h]
+    chunk_state = torch.einsum("csk,cskp,cskn->ckpn", to_end, x, B)
+    state = torch.zeros_like(chunk_state[0])
+    carried = []
+    for c in range(nc):
+        carried.append(state)
+        keeps = c > 0 and bool(seq[c, -1] == seq[c - 1, -1])  # the incoming sequence survives the whole chunk
+        state = chunk_state[c] + (torch.exp(cs[c, -1])[:, None, None] * state if keeps else 0)
+    carried = torch.stack(carried)  # [nc, h, p, n]: state entering each chunk
+    prev_seq = torch.cat([seq.new_full((1,), -1), seq[:-1, -1]])  # sequence of the state entering each chunk
+    enters = (seq == prev_seq[:, None])[..., None].to(x.dtype)  # [nc, Q, 1]
+    y = y + torch.einsum("ctkn,ckpn->ctkp", C, carried) * (torch.exp(cs) * enters)[..., None]
+    y = y + x * D[:, None]
+    return y.reshape(nc * chunk, h, p)[:T]
+
+
+# ---------------------------------------------------------------- mixers on a stream
+
+
+def mamba_forward(mixer, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
+    T = x.shape[0]
+    projected = mixer.in_proj(x)  # the LoRA-wrapped module: its adapter acts
+    gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
+    if kernels.conv is not None:
+        xbc = kernels.conv(xbc.contiguous().unsqueeze(0), weight=weight, bias=bias, activation="silu",
+                           cu_seqlens=stream.cu_seqlens.long())[0].squeeze(0)
+    else:
+        xbc = conv_reference(xbc, weight.to(xbc.dtype), None if bias is None else bias.to(xbc.dtype), stream)
+    h, p, g, n = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    xs, B, C = xbc.split([mixer.intermediate_size, g * n, g * n], dim=-1)
+    A = -torch.exp(mixer.A_log.float())
+    if kernels.ssd is not None:
+        y = kernels.ssd(xs.reshape(1, T, h, p), dt.unsqueeze(0), A, B.reshape(1, T, g, n), C.reshape(1, T, g, n),
+                        chunk_size=mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias,
+                        seq_idx=stream.seq_id.to(torch.int32).unsqueeze(0), dt_softplus=True,
+                        dt_limit=mixer.time_step_limit).squeeze(0)
+    else:
+        dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype)).clamp(*mixer.time_step_limit).float()
+        rep = h // g
+        y = ssd_reference(xs.reshape(T, h, p).float(), dt, A,
+                          B.reshape(T, g, n).float().repeat_interleave(rep, dim=1),
+                          C.reshape(T, g, n).float().repeat_interleave(rep, dim=1),
+                          mixer.D.float(), stream.seq_id, mixer.chunk_size)
+    y = mixer.norm(y.reshape(T, -1), gate)
+    return mixer.out_proj(y.to(x.dtype))  # called as a module: a LoRA on out_proj is applied, never bypassed
+
+
+def attention_forward(mixer, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
+    T, d = x.shape[0], mixer.head_dim
+    q = mixer.q_proj(x).view(T, -1, d)
+    k = mixer.k_proj(x).view(T, -1, d)
+    v = mixer.v_proj(x).view(T, -1, d)
+    rep = q.shape[1] // k.shape[1]
+    if kernels.varlen_attention is not None and q.dtype in (torch.bfloat16, torch.float16):
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = kernels.varlen_attention(q, k, v, stream.cu_seqlens, stream.cu_seqlens, stream.max_len, stream.max_len,
+                                       scale=mixer.scaling, window_size=(-1, 0))
+    else:
+        same = stream.seq_id[:, None] == stream.seq_id[None, :]
+        mask = same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                             v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=mixer.scaling,
+                                             enable_gqa=rep > 1)
+        out = out.squeeze(0).transpose(0, 1)
+    return mixer.o_proj(out.reshape(T, -1))
+
+
+def _experts_and_lora(module):
+    """The NemotronHExperts under PEFT's ParamWrapper chain, and {parameter: (B [E,out,r], A [E,r,in], scale)}."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    lora = {}
+    while isinstance(module, ParamWrapper):
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) > 1:
+            raise MedloraError("backend fast: more than one active LoRA adapter on the MoE experts is not supported")
+        if active and not module.disable_adapters:
+            lora[module.parameter_name] = module.get_delta_factors(active[0])
+        module = module.base_layer  # one level: get_base_layer() would skip the next wrapper
+    return module, lora
+
+
+def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts with LoRA as grouped low-rank products on the routed tokens only."""
+    from transformers.integrations.moe import _grouped_mm
+
+    if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA grouped GEMM is bf16-only: loop over experts instead
+        _grouped_mm = torch.ops.transformers.grouped_mm_fallback  # noqa: N806
+    experts, lora = _experts_and_lora(experts_module)
+    k = top_k_index.shape[1]
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    token = order // k
+    routed = x[token]
+    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def project(inputs, name):
+        weight = getattr(experts, name)  # [E, out, in], frozen
+        out = _grouped_mm(inputs, weight.transpose(1, 2), offsets)
+        if name in lora:
+            lhs, rhs, scale = lora[name]  # delta_e = scale * lhs_e @ rhs_e: lhs [E, out, r], rhs [E, r, in]
+            low = _grouped_mm(inputs, rhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
+            out = out + scale * _grouped_mm(low, lhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
+        return out
+
+    hidden = experts.act_fn(project(routed, "up_proj"))
+    out = project(hidden, "down_proj") * top_k_weights.reshape(-1)[order, None].to(hidden.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    _, top_k_weights, top_k_index = mixer.gate(x)
+    latent = mixer.fc1_latent_proj(x)
+    if kernels.grouped_lora_moe:
+        routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights)
+    else:
+        routed = mixer.experts(latent, top_k_index, top_k_weights)
+    return mixer.fc2_latent_proj(routed) + mixer.shared_experts(x)
+
+
+def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
+    normed = block.norm(x.to(block.norm.weight.dtype))
+    if block.block_type == "linear_attention":
+        out = mamba_forward(block.mixer, normed, stream, kernels)
+    elif block.block_type == "full_attention":
+        out = attention_forward(block.mixer, normed, stream, kernels)
+    elif block.block_type == "moe":
+        out = moe_forward(block.mixer, normed, kernels)
+    else:
+        out = block.mixer(normed)
+    return x + out
+
+
+# ---------------------------------------------------------------- the backbone forward
+
+
+def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
+                           use_cache=None, attention_mask=None, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    if past_key_values is not None or use_cache or kwargs.get("output_hidden_states") \
+            or (attention_mask is not None and attention_mask.dim() != 2):
+        return self._medlora_reference_forward(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                               position_ids=position_ids, past_key_values=past_key_values,
+                                               use_cache=use_cache, attention_mask=attention_mask, **kwargs)
+    embeds = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+    b, length, hidden = embeds.shape
+    stream = make_stream((b, length), embeds.device, attention_mask, position_ids)
+    x = embeds.reshape(b * length, hidden)
+    if stream.keep is not None:
+        x = x[stream.keep]
+    kernels = self._medlora_kernels
+    checkpoint = self.training and getattr(self, "_medlora_checkpointing", False)
+    for block in self.layers:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(block_forward, block, x, stream, kernels, use_reentrant=False)
+        else:
+            x = block_forward(block, x, stream, kernels)
+    x = self.norm_f(x)
+    if stream.keep is not None:
+        x = x.new_zeros(b * length, hidden).index_copy_(0, stream.keep, x)
+    return BaseModelOutputWithPast(last_hidden_state=x.reshape(b, length, hidden))
+
+
+def backbone_of(model):
+    """The NemotronHModel inside a PEFT / DDP wrapped model."""
+    for module in model.modules():
+        if type(module).__name__ == "NemotronHModel":
+            return module
+    raise MedloraError(f"backend fast supports Nemotron-H models only; {type(model).__name__} has no NemotronHModel")
+
+
+def enable(model, levers: tuple[str, ...] = LEVERS, gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """Switch one model instance to the fast forward; returns what runs where (and why, where it fell back)."""
+    backbone = backbone_of(model)
+    device = next(backbone.parameters()).device
+    kernels, notes = load_kernels(tuple(levers), device)
+    if not hasattr(backbone, "_medlora_reference_forward"):
+        backbone._medlora_reference_forward = backbone.forward
+    backbone._medlora_kernels = kernels
+    backbone._medlora_checkpointing = gradient_checkpointing
+    backbone.forward = types.MethodType(_fast_backbone_forward, backbone)
+    for note in notes:
+        print(note, flush=True)
+    return {"levers": list(levers), "kernels": kernels.describe(), "fallbacks": notes,
+            "gradient_checkpointing": "per block (torch.utils.checkpoint)" if gradient_checkpointing else False}
+
+
+def disable(model) -> None:
+    backbone = backbone_of(model)
+    if hasattr(backbone, "_medlora_reference_forward"):
+        backbone.forward = backbone._medlora_reference_forward
+
+
+def patch_hf_mamba_ops() -> dict[str, Any]:
+    """Give the *reference* transformers mixer Triton ops (bench variant `hf+triton`): fairness baseline.
+
+    transformers' NemotronH mixer looks up `causal_conv1d_fn` and `mamba2_chunk_scan` in its module
+    at call time; this swaps in fla-core's conv and mamba_ssm's SSD. Padding, PEFT's expert LoRA and
+    the rest of the HF path stay as they are.
+    """
+    import transformers.models.nemotron_h.modeling_nemotron_h as nh
+
+    ssd, conv = _load_mamba_ssd(), _load_fla_conv()
+
+    def conv_fn(x, weight, bias=None, activation=None, **_):  # HF layout [B, D, L]
+        return conv(x.transpose(1, 2).contiguous(), weight=weight, bias=bias, activation=activation)[0].transpose(1, 2)
+
+    def scan_fn(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **_):
+        return ssd(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                   dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states)
+
+    nh.causal_conv1d_fn, nh.mamba2_chunk_scan = conv_fn, scan_fn
+    return {"mamba_ssd": "mamba_ssm Triton (patched into transformers' mixer)",
+            "mamba_conv": "fla-core Triton causal_conv1d (patched into transformers' mixer)"}

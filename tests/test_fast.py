@@ -1,0 +1,206 @@
+"""Backend `fast` against the reference (transformers + PEFT) forward on the tiny Nemotron-H, on CPU in fp32.
+
+Tolerances: fp32 on CPU, so the two paths differ only by summation order (SSD chunked vs HF's chunked
+scan, grouped vs per-expert GEMMs): logits/loss within 1e-4 relative, every LoRA gradient within 1e-3
+relative (norm of the difference over norm of the reference).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from medlora import fast
+from medlora.config import LoraArguments
+
+LOGIT_RTOL, GRAD_RTOL = 1e-4, 1e-3
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def lora_pair(tiny):
+    from medlora.model import apply_lora
+
+    base, _ = tiny
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(base).float(), LoraArguments(lora_r=4, lora_alpha=8))
+    with torch.no_grad():  # B = 0 at init would make every LoRA gradient but B's vanish: give B real values
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    fast_model = copy.deepcopy(model)
+    fast.enable(fast_model)
+    return model, fast_model
+
+
+def batch(lengths, vocab=2048, seed=0, pad_id=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(5, vocab, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return seqs, ids, mask, labels
+
+
+def lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def run(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out, lora_grads(model)
+
+
+def test_fast_matches_reference_logits_loss_and_every_lora_gradient(lora_pair):
+    ref, fst = lora_pair
+    _, ids, mask, labels = batch([70, 45, 90])  # 90 > chunk_size 32: several SSD chunks, state passing
+    out_ref, g_ref = run(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    out_fast, g_fast = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    assert rel(out_fast.logits[real], out_ref.logits[real]) < LOGIT_RTOL
+    assert abs(out_fast.loss.item() - out_ref.loss.item()) < LOGIT_RTOL * abs(out_ref.loss.item())
+    assert set(g_fast) == set(g_ref) and len(g_ref) == sum(1 for n, _ in ref.named_parameters() if "lora_" in n)
+    for name, g in g_ref.items():
+        assert g.norm() > 0, f"{name}: no gradient in the reference"
+        assert rel(g_fast[name], g) < GRAD_RTOL, name
+    for kind in ("in_proj", "q_proj", "o_proj", "shared_experts.up_proj", "experts.base_layer"):
+        assert any(kind in name for name in g_ref), kind  # every kind of target is compared
+
+
+def test_packed_stream_gives_each_sample_its_own_loss(lora_pair):
+    """Three samples packed into one row (TRL padding-free: position_ids restart) == each run alone."""
+    _, fst = lora_pair
+    seqs, *_ = batch([40, 75, 33], seed=1)
+    packed = torch.cat(seqs).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).unsqueeze(0)
+    with torch.no_grad():
+        logits = fst(input_ids=packed, position_ids=positions).logits[0]
+        start = 0
+        for s in seqs:
+            alone = fst(input_ids=s.unsqueeze(0)).logits[0]
+            assert rel(logits[start:start + len(s)], alone) < LOGIT_RTOL
+            start += len(s)
+
+
+def test_packing_without_boundaries_would_leak(lora_pair):
+    """The boundary test above can fail: the same stream read as one sequence gives other logits."""
+    _, fst = lora_pair
+    seqs, *_ = batch([40, 75], seed=2)
+    packed = torch.cat(seqs).unsqueeze(0)
+    with torch.no_grad():
+        joined = fst(input_ids=packed).logits[0, 40:]
+        alone = fst(input_ids=seqs[1].unsqueeze(0)).logits[0]
+    assert rel(joined, alone) > 1e-2
+
+
+def test_ssd_reference_matches_a_plain_recurrence():
+    """The chunked SSD reference (with sequence resets) == the token-by-token Mamba2 recurrence."""
+    torch.manual_seed(0)
+    T, h, p, n = 50, 3, 4, 5
+    x, B, C = torch.randn(T, h, p), torch.randn(T, h, n), torch.randn(T, h, n)
+    dt, A, D = torch.rand(T, h) * 0.5, -torch.rand(h) - 0.1, torch.randn(h)
+    seq = torch.tensor([0] * 13 + [1] * 30 + [2] * 7)
+    state, expected = torch.zeros(h, p, n), []
+    for t in range(T):
+        if t and seq[t] != seq[t - 1]:
+            state = torch.zeros(h, p, n)
+        state = torch.exp(dt[t] * A)[:, None, None] * state + dt[t][:, None, None] * x[t][:, :, None] * B[t][:, None, :]
+        expected.append(torch.einsum("hpn,hn->hp", state, C[t]) + D[:, None] * x[t])
+    got = fast.ssd_reference(x, dt, A, B, C, D, seq, chunk=8)
+    assert rel(got, torch.stack(expected)) < 1e-5
+
+
+def test_grouped_lora_experts_never_form_the_full_delta(lora_pair, monkeypatch):
+    """PEFT's path calls get_delta_weight / parametrizes the expert tensor; the fast path must not."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    _, fst = lora_pair
+    called = []
+    monkeypatch.setattr(ParamWrapper, "get_delta_weight", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(ParamWrapper, "_activate_lora", lambda *a, **k: called.append(1))
+    _, ids, mask, labels = batch([20, 30])
+    out, grads = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+    assert not called
+    assert any("experts" in n and g.norm() > 0 for n, g in grads.items())
+
+
+def test_fast_falls_back_with_a_message_on_cpu(capsys):
+    kernels, notes = fast.load_kernels(fast.LEVERS, "cpu")
+    assert kernels.ssd is None and kernels.conv is None and kernels.varlen_attention is None
+    assert any("no CUDA" in n for n in notes)
+    with pytest.raises(Exception, match="unknown"):
+        fast.load_kernels(("warp_drive",), "cpu")
+
+
+def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
+    """`medlora bench` on CPU with the tiny model: per-backend batch sizes, lever variants, ratios in the JSON."""
+    import json
+
+    from conftest import SAMPLE, run_cli
+
+    proc = run_cli(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "fast[none]",
+                    "--backend_batch_size", "fast=8", "fast[none]=8", "--per_device_train_batch_size", "4",
+                    "--bench_steps", "2", "--bench_warmup_steps", "1", "--rounds", "1", "--optim", "adamw_torch",
+                    "--data_path", str(SAMPLE), "--results_dir", str(tmp_path / "results"),
+                    "--model_cache_dir", str(tmp_path / "models")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    by = {r["backend"]: r for r in out["results"]}
+    assert set(by) == {"hf", "fast", "fast[none]"}
+    assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
+    assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
+    assert by["fast[none]"]["backend_report"]["levers"] == []
+    assert "grouped" in by["fast"]["backend_report"]["kernels"]["moe_lora"]
+    assert "PEFT" in by["fast[none]"]["backend_report"]["kernels"]["moe_lora"]
+    assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "fast[warp]"], "unknown levers"),
+    (["--backends", "turbo"], "unknown backend"),
+    (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
+])
+def test_bench_refuses_bad_backend_options(args, message):
+    from conftest import run_cli
+
+    proc = run_cli(["bench", "--model_spec", "tiny", *args])
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    common = ["train", "--config", "configs/tiny.yaml", "--max_steps", "3", "--report_to", "none",
+              "--tiny_cache_dir", str(tmp_path / "tiny"), "--packing", "true", "--eval_accuracy_samples", "4"]
+    refused = run_cli([*common, "--output_dir", str(tmp_path / "hf")])
+    assert refused.returncode == 2 and "--backend fast" in refused.stderr and "Traceback" not in refused.stderr
+    ok = run_cli([*common, "--backend", "fast", "--output_dir", str(tmp_path / "fast")])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    metrics = json.loads((tmp_path / "fast" / "metrics.json").read_text())
+    assert metrics["backend"] == "fast" and metrics["config"]["SFTConfig"]["packing"] is True
+    assert metrics["audits"]["gradients"]["lora_tensors"] > 0
+
+
+def test_check_packed_notices_a_lost_or_altered_example():
+    from medlora.config import MedloraError
+    from medlora.train import check_packed
+
+    examples = [{"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}, {"input_ids": [8, 9], "completion_mask": [0, 1]}]
+    good = [{"input_ids": [8, 9, 5, 6, 7], "labels": [-100, 9, -100, 6, 7], "seq_lengths": [2, 3]}]
+    check_packed(good, examples)
+    altered = [{"input_ids": [8, 9, 5, 6, 7], "labels": [-100, 9, -100, -100, 7], "seq_lengths": [2, 3]}]
+    with pytest.raises(MedloraError, match="1 of 2 examples missing or altered"):
+        check_packed(altered, examples)
+    with pytest.raises(MedloraError, match="missing"):
+        check_packed([{"input_ids": [8, 9], "labels": [-100, 9], "seq_lengths": [2]}], examples)
