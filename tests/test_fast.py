@@ -169,11 +169,13 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     (["--backends", "turbo"], "unknown backend"),
     (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
 ])
-def test_bench_refuses_bad_backend_options(args, message):
-    from conftest import run_cli
+def test_bench_refuses_bad_backend_options(args, message, capsys):
+    from medlora.cli import main
 
-    proc = run_cli(["bench", "--model_spec", "tiny", *args])
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model_spec", "tiny", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):

@@ -40,8 +40,8 @@ def import_unsloth_first(argv: list[str]) -> None:
     elif "--config" in argv and argv.index("--config") + 1 < len(argv):
         try:
             text = open(argv[argv.index("--config") + 1], encoding="utf-8").read()
-        except OSError:
-            return  # parse_config reports the missing file
+        except (OSError, UnicodeDecodeError):
+            return  # parse_config reports the missing or unreadable file
         match = re.search(r"^backend:\s*['\"]?(\w+)", text, re.MULTILINE)
         backend = match.group(1) if match else None
     if backend == "unsloth":

@@ -320,9 +320,20 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
 
     for spec in args.backends:
         backend, _ = parse_backend(spec)
-        settings_for(args, spec)
+        batch, _ = settings_for(args, spec)
+        if batch < 1:
+            raise MedloraError(f"--backend_batch_size / --per_device_train_batch_size for {spec}: must be positive, "
+                               f"got {batch}")
         if backend == "unsloth" and not torch.cuda.is_available():
             raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
+    for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17)):
+        if getattr(args, name) < low:
+            raise MedloraError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not args.backends:
+        raise MedloraError("--backends: name at least one backend")
+    from medlora.data import load_medmcqa
+
+    load_medmcqa(args.data_path, evaluation=True)  # a bad data file is reported here, not in every worker
     model_path_for(args)  # build once, before the timed workers
     runs: dict[str, list] = {b: [] for b in args.backends}
     payload = json.dumps({"bench": asdict(args), "lora": asdict(lora)})
@@ -429,4 +440,6 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker_main(sys.argv[2:])
+        from medlora.config import main_guard
+
+        main_guard(_worker_main)(sys.argv[2:])  # expected errors: one line and exit 2, as in the CLI

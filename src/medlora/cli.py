@@ -23,6 +23,7 @@ commands:
   eval        MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json
   ask         answer one question with the exact training prompt
   bench       time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results
+  report      (re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json
   build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
 
 `medlora <command> --help` lists the flags of a command."""
@@ -73,7 +74,10 @@ def cmd_inspect(argv: Sequence[str]) -> None:
     n = 3
     if "--num_examples" in argv:
         i = argv.index("--num_examples")
-        n = int(argv[i + 1])
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--num_examples needs a positive integer, got {value or 'nothing'!r}")
+        n = int(value)
         del argv[i : i + 2]
     sections = (ModelArguments, DataArguments)
     _sections_help(argv, sections, "medlora inspect")
@@ -97,7 +101,11 @@ def cmd_inspect(argv: Sequence[str]) -> None:
 def cmd_ask(argv: Sequence[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="medlora ask", add_help=False)
+    class AskParser(argparse.ArgumentParser):  # one "medlora: error:" line, like every other command
+        def error(self, message):
+            raise ConfigError(f"medlora ask: {message}")
+
+    parser = AskParser(prog="medlora ask", add_help=False)
     parser.add_argument("question")
     parser.add_argument("--options", nargs=4, required=True, metavar=("A", "B", "C", "D"))
     parser.add_argument("--adapter", default=None)
@@ -114,8 +122,14 @@ def cmd_ask(argv: Sequence[str]) -> None:
     from medlora.evaluate_cli import load_for_eval
     from medlora.train import format_options
 
+    from medlora.data import DataError, row_problem
+    from medlora.formatting import OPTION_FIELDS
+
+    row = {"question": known.question, **dict(zip(OPTION_FIELDS, known.options)), "id": "ask"}
+    problem = row_problem(row, required=("question", *OPTION_FIELDS))
+    if problem:
+        raise DataError(f"medlora ask: field '{problem[0]}': {problem[1]}")
     model, tokenizer = load_for_eval(model_args, known.adapter)
-    row = {"question": known.question, **dict(zip(("opa", "opb", "opc", "opd"), known.options)), "id": "ask"}
     result = answer(model, tokenizer, row, format_options(data_args), known.max_new_tokens)
     print(result["prompt"])
     print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
@@ -131,6 +145,14 @@ def cmd_bench(argv: Sequence[str]) -> None:
     run_bench(bench_args, lora_args)
 
 
+def cmd_report(argv: Sequence[str]) -> None:
+    from medlora.modelcard import ReportArguments, write_model_card
+
+    _sections_help(argv, (ReportArguments,), "medlora report")
+    (args,) = parse_config(argv, (ReportArguments,), "medlora report")
+    print(write_model_card(args.run_dir, args.output))
+
+
 def cmd_build_tiny(argv: Sequence[str]) -> None:
     out = argv[0] if argv else ModelArguments().tiny_cache_dir
     from medlora.model import build_tiny_model
@@ -139,7 +161,7 @@ def cmd_build_tiny(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "bench": cmd_bench, "build-tiny": cmd_build_tiny}
+            "ask": cmd_ask, "bench": cmd_bench, "report": cmd_report, "build-tiny": cmd_build_tiny}
 
 
 @main_guard

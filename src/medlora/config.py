@@ -115,6 +115,9 @@ class PrepareArguments:
     output_dir: str = field(default="outputs/prepared", metadata={"help": "where the Arrow splits go"})
     test_fraction: float = field(default=0.0, metadata={"help": "share of questions for a test split"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing prepared dataset"})
+    deidentify: bool = field(default=False, metadata={"help": "replace e-mails, phones, record ids, DOBs, street "
+                                                              "addresses and titled names with placeholders "
+                                                              "(regex; README 'De-identification')"})
 
 
 def _field_map(sections: Sequence[type]) -> dict[str, tuple[type, dataclasses.Field]]:
@@ -141,13 +144,35 @@ class _Parser:
         self.parser = Parser(sections, prog=prog)
 
 
+def _unused_arguments(sections: Sequence[type], where: str, message: str) -> ConfigError | None:
+    """HfArgumentParser's "Some specified arguments are not used" as one line with a suggestion."""
+    import ast
+
+    prefix = "Some specified arguments are not used by the HfArgumentParser: "
+    if not message.startswith(prefix):
+        return None
+    try:
+        unused = [str(a) for a in ast.literal_eval(message[len(prefix):].strip())]
+    except (ValueError, SyntaxError):
+        return None
+    options = [a for a in unused if a.startswith("-")]
+    if not options:
+        return ConfigError(f"{where}: unexpected value(s) {unused} (an option that takes one value was given "
+                           "several?)")
+    name = options[0].lstrip("-").split("=")[0]
+    close = difflib.get_close_matches(name, list(_field_map(sections)), n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return ConfigError(f"{where}: unknown option {options[0]}{hint}"
+                       + (f"; also not used: {unused[1:]}" if len(unused) > 2 else ""))
+
+
 def _parse(sections: Sequence[type], prog: str, where: str, argv: list[str]) -> tuple:
     try:
         return _Parser(sections, prog, where).parser.parse_args_into_dataclasses(argv)
     except (ValueError, TypeError) as err:  # raised by the dataclasses' own __post_init__ checks
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where}: {err}") from None
+        raise _unused_arguments(sections, where, str(err)) or ConfigError(f"{where}: {err}") from None
 
 
 def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
@@ -166,17 +191,49 @@ def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _annotation(section: type, f: dataclasses.Field) -> str:
+    """The field's declared type as text (HfArgumentParser rewrites `Field.type` in place, so read the class)."""
+    import inspect
+
+    for klass in section.__mro__:
+        annotations = inspect.get_annotations(klass)
+        if f.name in annotations:
+            return str(annotations[f.name])
+    return str(f.type)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it below
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"{key_node.start_mark.line + 1}: key '{key}' is given twice "
+                                  f"(first on line {first}); keep one")
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = ()) -> dict[str, Any]:
     """The file's keys for `sections`; keys of `also_known` sections are accepted and dropped."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        config = yaml.safe_load(p.read_text(encoding="utf-8"))
+        config = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}:{err}") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
@@ -188,6 +245,11 @@ def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = 
             close = difflib.get_close_matches(str(key), list(known) + list(other), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        kind = _annotation(*(known.get(key) or other[key])).lower()
+        value = config[key]
+        for container, name in ((list, "list"), (dict, "dict")):
+            if isinstance(value, container) and name not in kind:  # would turn into several flags / a JSON string
+                raise ConfigError(f"{path}: key '{key}' takes a single value, got a {name} {value!r}")
     # A key is used only by the section that owns it in training configs: `output_dir` in a training
     # file is the run's directory, not `medlora eval`'s output directory.
     return {k: v for k, v in config.items() if k in known and (k not in other or other[k][0] is known[k][0])}
@@ -310,8 +372,9 @@ def main_guard(func):
         try:
             return func(*args, **kwargs)
         except (ConfigError, DataError, FormattingError, MedloraError) as err:
-            print(f"medlora: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            code = getattr(err, "exit_code", 2)  # medlora.safety.Interrupted: 128 + signal, after a clean save
+            print(f"medlora: {'error' if code == 2 else 'stopped'}: {err}", file=sys.stderr)
+            sys.exit(code)
 
     return wrapper
 

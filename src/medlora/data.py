@@ -8,6 +8,7 @@ and ``line`` so any later message can point back at the file and line it came fr
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import random
@@ -16,7 +17,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from medlora.formatting import LETTERS, OPTION_FIELDS
 
@@ -94,7 +95,9 @@ def _decode(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}: {err.reason})") from None
+        hint = "; the file starts with a UTF-16 byte-order mark: save it as UTF-8" if raw[:2] in (
+            b"\xff\xfe", b"\xfe\xff") else "; save the file as UTF-8"
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}: {err.reason}){hint}") from None
 
 
 def _read_json_lines(path: Path, text: str) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
@@ -152,9 +155,25 @@ def read_raw_rows(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
         missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}:1: CSV header lacks column(s) {missing}; header is {reader.fieldnames}")
-        # DictReader's line_num is the physical line where the row ended
-        return [(reader.line_num, dict(row)) for row in reader], []
+        rows, issues = [], []
+        width = len(reader.fieldnames)
+        for row in reader:  # DictReader's line_num is the physical line where the row ended
+            cells = width + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k is not None)
+            if cells != width:  # extra cells land under None, missing ones read as None: columns would shift
+                issues.append(RowIssue(str(path), reader.line_num, "-", f"has {cells} cells but the header has "
+                                       f"{width} (an unquoted comma or quote?)", dict(row)))
+            else:
+                rows.append((reader.line_num, dict(row)))
+        return rows, issues
     stripped = text.lstrip()
+    if stripped.startswith("{") and "\n" in stripped.rstrip():
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines: parsed line by line below
+        if isinstance(whole, dict):
+            raise DataError(f"{path}:1: the file is one JSON object (keys {list(whole)[:5]}), not one row per line; "
+                            "write JSON lines (one row object per line) or a JSON array of rows")
     if suffix == ".json" and stripped.startswith("["):
         try:
             data = json.loads(text)
@@ -194,17 +213,27 @@ def _parse_cop(value: Any, from_text: bool) -> int | None:
     return None
 
 
-def detect_cop_base(values: Iterable[int], source: str, cop_base: str) -> tuple[int, str]:
-    """0 for hub numbering (0-3), 1 for the official files (1-4). Never a silent guess."""
+def detect_cop_base(values: Iterable[int], source: str, cop_base: str,
+                    lines: Iterable[int] | None = None) -> tuple[int, str]:
+    """0 for hub numbering (0-3), 1 for the official files (1-4). Never a silent guess.
+
+    `lines` (the line of each value) lets a mixed-numbering message point at the rows.
+    """
     if cop_base in ("0", "1"):
         base = int(cop_base)
         return base, ("0-3 (hub; set by cop_base)" if base == 0 else "1-4 (official; set by cop_base)")
     if cop_base != "auto":
         raise DataError(f"cop_base must be 'auto', '0' or '1', got {cop_base!r}")
+    values = list(values)
     seen = set(values)
     if 0 in seen and 4 in seen:
+        where = ""
+        if lines is not None:
+            first = dict(reversed(list(zip(values, lines))))  # value -> first line holding it
+            where = f" (cop 0 first on line {first[0]}, cop 4 first on line {first[4]})"
         raise DataError(
-            f"{source}: field 'cop' mixes 0 and 4, i.e. both numberings (0-3 and 1-4); fix the file or set cop_base"
+            f"{source}: field 'cop' mixes 0 and 4, i.e. both numberings (0-3 and 1-4){where}; "
+            "fix the file or set cop_base"
         )
     if 0 in seen:
         return 0, "0-3 (hub; detected: a cop of 0 occurs)"
@@ -214,6 +243,35 @@ def detect_cop_base(values: Iterable[int], source: str, cop_base: str) -> tuple[
         f"{source}: field 'cop' only holds values in 1-3, so it cannot tell the official numbering (1-4) from the "
         "hub's (0-3); set cop_base to 1 or 0 (--cop_base)"
     )
+
+
+def row_problem(obj: dict[str, Any], from_text: bool = False,
+                required: Iterable[str] = REQUIRED_FIELDS) -> tuple[str, str] | None:
+    """(field, reason) for the first problem of one row object, or None.
+
+    `required=("question", *OPTION_FIELDS)` checks a question without an answer (what `medlora ask` gets).
+    """
+    for name in required:
+        if name not in obj:
+            typo = difflib.get_close_matches(name, [str(k) for k in obj if k not in KNOWN_FIELDS], n=1)
+            return name, "missing" + (f" (the row has '{typo[0]}': misspelt?)" if typo else "")
+        value = obj[name]
+        if value is None:
+            return name, "is null"
+        if name == "cop":
+            if _parse_cop(value, from_text) is None:
+                return name, f"must be an integer, got {type(value).__name__} {value!r}"
+        elif not isinstance(value, str):
+            return name, f"must be a string, got {type(value).__name__}"
+        elif not value.strip():
+            return name, "is empty"
+        elif len(value) > MAX_FIELD_CHARS:
+            return name, f"is {len(value):,} characters long (limit {MAX_FIELD_CHARS:,})"
+    for name in OPTIONAL_FIELDS:
+        value = obj.get(name)
+        if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+            return name, f"must be a string or null, got {type(value).__name__}"
+    return None
 
 
 def validate_rows(
@@ -228,36 +286,10 @@ def validate_rows(
     candidates = []
     for line, obj in raw:
         if not isinstance(obj, dict):
-            report.issues.append(RowIssue(source, line, "-", f"row is a {type(obj).__name__}, not an object", obj))
+            kind = "null" if obj is None else type(obj).__name__
+            report.issues.append(RowIssue(source, line, "-", f"row is a {kind}, not an object", obj))
             continue
-        problem = None
-        for name in REQUIRED_FIELDS:
-            if name not in obj:
-                problem = (name, "missing")
-                break
-            value = obj[name]
-            if value is None:
-                problem = (name, "is null")
-                break
-            if name == "cop":
-                if _parse_cop(value, from_text) is None:
-                    problem = (name, f"must be an integer, got {type(value).__name__} {value!r}")
-                    break
-            elif not isinstance(value, str):
-                problem = (name, f"must be a string, got {type(value).__name__}")
-                break
-            elif not value.strip():
-                problem = (name, "is empty")
-                break
-            elif len(value) > MAX_FIELD_CHARS:
-                problem = (name, f"is {len(value):,} characters long (limit {MAX_FIELD_CHARS:,})")
-                break
-        if problem is None:
-            for name in OPTIONAL_FIELDS:
-                value = obj.get(name)
-                if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
-                    problem = (name, f"must be a string or null, got {type(value).__name__}")
-                    break
+        problem = row_problem(obj, from_text)
         if problem:
             report.issues.append(RowIssue(source, line, problem[0], problem[1], obj))
             continue
@@ -270,22 +302,31 @@ def validate_rows(
         if report.issues:
             raise DataError(f"{source}: no valid rows.\n" + format_issues(report.issues))
         raise DataError(f"{source}: holds no rows")
-    base, report.cop_numbering = detect_cop_base(
-        (_parse_cop(o["cop"], from_text) for _, o in candidates), source, cop_base
-    )
+    try:
+        base, report.cop_numbering = detect_cop_base(
+            [_parse_cop(o["cop"], from_text) for _, o in candidates], source, cop_base, [ln for ln, _ in candidates]
+        )
+    except DataError as err:
+        if report.issues:  # the rows already found invalid are reported too, not hidden behind this message
+            raise DataError(f"{err}\n{format_issues(report.issues)}") from None
+        raise
 
     rows, seen_ids, seen_content = [], {}, {}
     for line, obj in candidates:
         cop = _parse_cop(obj["cop"], from_text) - base
         if not 0 <= cop <= 3:
-            allowed = "0-3" if base == 0 else "1-4"
-            report.issues.append(
-                RowIssue(source, line, "cop", f"{obj['cop']!r} is outside {allowed} ({report.cop_numbering})", obj)
+            report.issues.append(  # cop_numbering reads "1-4 (official; detected: ...)" or "0-3 (hub; ...)"
+                RowIssue(source, line, "cop", f"{obj['cop']!r} is outside {report.cop_numbering}", obj)
             )
             continue
         # Evaluation scores the text as published (lm-eval parity); training data is cleaned.
         row = {name: obj[name] if evaluation else clean_text(obj[name]) for name in TEXT_FIELDS}
         if any(row[name] != obj[name] for name in TEXT_FIELDS):
+            empty = [name for name in TEXT_FIELDS if not row[name]]
+            if empty:  # only invisible (control/format) characters: cleaning would leave nothing
+                report.issues.append(RowIssue(source, line, empty[0], "is empty once control and format "
+                                              "characters are removed", obj))
+                continue
             report.cleaned_rows += 1
         row["cop"] = cop
         for name in ("exp", "subject_name", "topic_name", "choice_type"):
@@ -349,6 +390,7 @@ def load_medmcqa(
     cop_base: str = "auto",
     skip_invalid: bool = False,
     evaluation: bool = False,
+    scrub: Callable[[Any], Any] | None = None,
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Rows from a local file or the hub dataset `openlifescienceai/medmcqa` (split `train`/`validation`).
 
@@ -358,6 +400,8 @@ def load_medmcqa(
     correct option text repeats, whose options are all identical, or which repeat an earlier question
     are kept (flagged `ambiguous` / counted), because lm-evaluation-harness scores them too;
     structural errors still fail.
+    `scrub`, if given, replaces every row as read (and every unparseable line) before validation,
+    cleaning and deduplication (`medlora prepare --deidentify` scrubs identifiers this way).
     """
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
@@ -370,6 +414,10 @@ def load_medmcqa(
         name = f"{source}[{split}]"
         if cop_base == "auto" and source == HUB_DATASET:
             cop_base = "0"  # the hub copy numbers cop 0-3: known, not guessed
+    if scrub is not None:
+        raw = [(line, scrub(obj)) for line, obj in raw]
+        for issue in parse_issues:
+            issue.row = scrub(issue.row)
     try:
         rows, report = validate_rows(raw, name, cop_base, evaluation, from_text)
     except DataError as err:

@@ -170,11 +170,20 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def _unreachable(path: str, err: Exception) -> MedloraError:
+    from huggingface_hub import is_offline_mode
+
+    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+    if path.startswith((".", "/", "~")) or os.sep in path.rstrip(os.sep) and Path(path).parent.is_dir():
+        if not Path(path).expanduser().exists():  # meant as a local directory: the hub advice would mislead
+            return MedloraError(f"--model_name_or_path {path}: no such directory (expected a model directory with "
+                                "config.json, or a hub id such as nvidia/...)")
+        return MedloraError(f"cannot load {path!r}: {reason}")
+    why = ("HF_HUB_OFFLINE=1 is set, so the Hugging Face Hub is not contacted, and this hub id is not in the local "
+           "cache." if is_offline_mode() else "Check the hub id and the network (a gated model needs `hf auth login`).")
     return MedloraError(
-        f"cannot load {path!r}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}\n"
-        "If this is a hub id and you are offline, download it once where there is network "
-        f"(`hf download {path} --local-dir DIR`) and pass --model_name_or_path DIR; "
-        "or use --model_name_or_path tiny for the offline test model."
+        f"cannot load {path!r}: {reason}\n{why} "
+        f"To run offline, download it once where there is network (`hf download {path} --local-dir DIR`) and pass "
+        "--model_name_or_path DIR (a local directory); or use --model_name_or_path tiny for the offline test model."
     )
 
 

@@ -1,4 +1,4 @@
-"""`medlora prepare`: validate, clean, deduplicate, split, format and save MedMCQA as Arrow."""
+"""`medlora prepare`: (optionally de-identify,) validate, clean, dedupe, split, format and save MedMCQA as Arrow."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from medlora.config import DataArguments, MedloraError, ModelArguments, PrepareArguments
 from medlora.data import format_issues, letter_counts, load_medmcqa, split_rows, write_skipped
+from medlora.deidentify import TYPES, deidentify_value
 from medlora.formatting import build_prompt, encode_example
 
 
@@ -28,6 +29,19 @@ def dataset_statistics(splits: dict[str, list[dict[str, Any]]], tokenizer, optio
     return stats
 
 
+def deidentification_table(counts: Counter):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="de-identified")
+    table.add_column("placeholder")
+    table.add_column("replaced", justify="right")
+    for label in TYPES:
+        table.add_row(Text(f"[{label}]"), str(counts[label]), end_section=label == TYPES[-1])  # Text: not markup
+    table.add_row("total", str(sum(counts.values())))
+    return table
+
+
 def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareArguments) -> dict[str, Any]:
     from datasets import Dataset, DatasetDict
     from rich.console import Console
@@ -40,9 +54,18 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
     if out.exists() and any(out.iterdir()) and not prep.overwrite:
         raise MedloraError(f"{out} is not empty; pass --overwrite or choose another --output_dir")
     console = Console()
+    deidentified: Counter = Counter()
+
+    def scrub(raw_row: Any) -> Any:  # every string of every row read, before validation, cleaning and dedup
+        scrubbed, found = deidentify_value(raw_row)
+        deidentified.update(found)
+        return scrubbed
+
     rows, report = load_medmcqa(data_args.data_path, data_args.train_split, data_args.cop_base,
-                                data_args.skip_invalid)
+                                data_args.skip_invalid, scrub=scrub if prep.deidentify else None)
     console.print(report.summary())
+    if prep.deidentify:
+        console.print(deidentification_table(deidentified))
     splits = split_rows(rows, data_args.eval_fraction, data_args.split_seed, prep.test_fraction)
     tokenizer = load_tokenizer(model_args)
     options = format_options(data_args)
@@ -58,7 +81,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
     skipped = write_skipped(report, out)
     summary = {"source": data_args.data_path, "cop_numbering": report.cop_numbering, "rows_read": report.rows_read,
                "invalid_skipped": len(report.issues), "duplicates_removed": report.duplicates_removed,
-               "cleaned_rows": report.cleaned_rows, "style": options.style, "splits": stats}
+               "cleaned_rows": report.cleaned_rows, "style": options.style, "splits": stats,
+               "deidentified": {label: deidentified[label] for label in TYPES} if prep.deidentify else None}
     (out / "prepare_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
     table = Table(title=f"prepared {data_args.data_path} -> {out}")

@@ -88,7 +88,8 @@ def tokenize_rows(rows, tokenizer, options: FormatOptions, max_length: int | Non
             continue
         encoded.append(example)
     if not encoded:
-        raise DataError(f"{name}: every example is longer than max_length={max_length}")
+        raise DataError(f"{name}: all {len(too_long)} examples are longer than max_length={max_length} tokens "
+                        f"(first: {', '.join(too_long[:3])}); raise --max_length")
     return Dataset.from_list(encoded), too_long
 
 
@@ -124,15 +125,20 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> N
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
+    """The checkpoint to resume from: a committed one only (see medlora.safety); torn ones are skipped."""
+    from medlora.safety import checkpoint_problem, last_good_checkpoint
+
     if not resume:
         return None
     if resume != "auto":
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume_from_checkpoint: {resume} is not a checkpoint directory")
+        problem = checkpoint_problem(Path(resume))
+        if problem:
+            raise ConfigError(f"--resume_from_checkpoint: {resume} is torn or incomplete ({problem}); "
+                              "use --resume_from_checkpoint auto to take the newest complete one")
         return resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = last_good_checkpoint(output_dir) if output_dir.is_dir() else None
     if last is None:
         print(f"medlora: no checkpoint in {output_dir}; starting from step 0")
     return last
@@ -182,13 +188,35 @@ def gather_checksums(model) -> list[str]:
 
 def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
           run_args: RunArguments, train_args) -> dict[str, Any]:
-    """Fine-tune with LoRA and write OUTPUT_DIR/adapter and OUTPUT_DIR/metrics.json. Returns the metrics."""
+    """Fine-tune with LoRA and write OUTPUT_DIR/adapter, metrics.json and MODEL_CARD.md. Returns the metrics.
+
+    The main process holds OUTPUT_DIR/.medlora.lock for the whole run (medlora.safety.RunLock).
+    """
+    from medlora.safety import RunLock, oom_error
+
+    validate(model_args, lora_args, data_args, run_args, train_args)
+    if getattr(train_args, "hub_token", None):
+        raise ConfigError("--hub_token: pass the Hugging Face token through HF_TOKEN or `hf auth login`, never as a "
+                          "flag or config key (it would be written into every checkpoint's training_args.bin)")
+    output_dir = Path(train_args.output_dir)
+    lock = RunLock(output_dir).acquire() if runinfo.is_main_process() else None
+    try:
+        return _train(model_args, lora_args, data_args, run_args, train_args, output_dir)
+    except torch.OutOfMemoryError as err:
+        raise oom_error(err) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
+           run_args: RunArguments, train_args, output_dir: Path) -> dict[str, Any]:
     from rich.console import Console
     from transformers import set_seed
 
-    validate(model_args, lora_args, data_args, run_args, train_args)
+    from medlora.safety import Interrupted, make_callbacks
+
     console = Console(quiet=not runinfo.is_main_process())
-    output_dir = Path(train_args.output_dir)
     resume = train_args.resume_from_checkpoint
     check_output_dir(output_dir, run_args.overwrite, resume)
     set_seed(train_args.seed)
@@ -204,16 +232,18 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     from medlora.backends import load_for_training
     from medlora.model import print_lora_table
 
-    model, tokenizer, backend_report = load_for_training(
-        run_args.backend, model_args, lora_args, train_args.max_length or 2048, train_args.gradient_checkpointing,
-        train_args.seed, device, train_args.trust_remote_code, run_args.fast_levers)
-    if run_args.backend in ("unsloth", "fast"):
-        train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
+    # data and resume point first: a bad file or path must not cost a 63 GB model load
     data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
     for report in data.reports:
         console.print(f"[bold]data[/] {report.summary()}")
         if report.issues:
             console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
+    resume_path = resolve_resume(output_dir, resume)
+    model, tokenizer, backend_report = load_for_training(
+        run_args.backend, model_args, lora_args, train_args.max_length or 2048, train_args.gradient_checkpointing,
+        train_args.seed, device, train_args.trust_remote_code, run_args.fast_levers)
+    if run_args.backend in ("unsloth", "fast"):
+        train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
     train_ds, train_long = tokenize_rows(data.train_rows, tokenizer, options, train_args.max_length, "train")
     eval_ds, eval_long = tokenize_rows(data.eval_rows, tokenizer, options, train_args.max_length, "eval")
     for name, long in (("train", train_long), ("eval", eval_long)):
@@ -236,8 +266,16 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     trainer_ref: dict[str, Any] = {}
     callback = make_accuracy_callback(trainer_ref, data.eval_rows, tokenizer, options, run_args)
-    trainer = SFTTrainer(model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[callback])
+    commit, signal_stop, non_finite = make_callbacks(trainer_ref)
+
+    class MedloraSFTTrainer(SFTTrainer):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            trainer_ref["last_loss"] = loss.detach()  # for the non-finite message; no device sync here
+            return loss
+
+    trainer = MedloraSFTTrainer(model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                processing_class=tokenizer, callbacks=[callback, commit, signal_stop, non_finite])
     trainer_ref["trainer"] = trainer
 
     audits = {}
@@ -267,8 +305,18 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         base_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
     base_summary = summarise(base_preds, bootstrap_samples=0)
 
-    resume_path = resolve_resume(output_dir, resume)
-    train_result = trainer.train(resume_from_checkpoint=resume_path)
+    signal_stop.install()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_path)
+    finally:
+        signal_stop.uninstall()
+    if signal_stop.signum is not None:
+        import signal
+
+        name = signal.Signals(signal_stop.signum).name
+        raise Interrupted(f"{name} at step {trainer.state.global_step}: checkpoint saved in "
+                          f"{output_dir / f'checkpoint-{trainer.state.global_step}'}; continue with "
+                          "--resume_from_checkpoint auto", signal_stop.signum)
     eval_metrics = trainer.evaluate()  # also runs the accuracy callback on the (limited) eval rows
 
     final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
@@ -316,6 +364,9 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         size = (adapter_dir / "adapter_model.safetensors").stat().st_size
         metrics["adapter_bytes"] = size
         write_json(output_dir / "metrics.json", metrics)
+        from medlora.modelcard import write_model_card
+
+        write_model_card(output_dir)
         console.print(f"adapter: {adapter_dir} ({size / 2**20:.2f} MiB); metrics: {output_dir / 'metrics.json'}")
         console.print(f"train_loss {metrics['train_loss']:.4f}  eval_loss {metrics['eval_loss']:.4f}  "
                       f"eval_accuracy {metrics['eval_accuracy']:.3f} (base {metrics['base_eval_accuracy']:.3f}, "

@@ -1,0 +1,142 @@
+"""`medlora report`: a model card (MODEL_CARD.md) for a finished run, written from its metrics.json.
+
+`train` writes it at the end of every run; `medlora report --run_dir DIR` rewrites it (e.g. after
+editing the data licence line). Everything in it comes from metrics.json, so it never shows a number
+the run did not produce. Secrets cannot reach it: metrics.json's config is TrainingArguments.to_dict
+(tokens masked) and `train` refuses --hub_token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medlora.config import MedloraError
+
+NOT_ADVICE = ("**Not medical advice.** This adapter answers multiple-choice exam questions. Its outputs are not "
+              "medical advice, diagnosis or treatment, must not be used for patient care, and can be confidently "
+              "wrong.")
+
+
+@dataclass
+class ReportArguments:
+    run_dir: str = field(default="outputs/tiny-run", metadata={"help": "a finished `medlora train` output dir"})
+    output: str | None = field(default=None, metadata={"help": "where to write (default RUN_DIR/MODEL_CARD.md)"})
+
+
+def data_licence(path: str) -> str:
+    lowered = path.lower()
+    if "data/sample" in lowered:
+        return "medlora's sample questions (CC0 1.0, written for this repository; see data/sample/README.md)"
+    if "medmcqa" in lowered:
+        return ("MedMCQA (Pal et al., CHIL 2022), MIT License, (c) 2022 MedMCQA — "
+                "https://github.com/medmcqa/medmcqa")
+    return "user-supplied data: licence not recorded — state it here before sharing this adapter"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def render_model_card(metrics: dict[str, Any]) -> str:
+    cfg = metrics["config"]
+    model, lora, data = cfg["ModelArguments"], cfg["LoraArguments"], cfg["DataArguments"]
+    run, sft = cfg["RunArguments"], cfg["SFTConfig"]
+    versions = metrics.get("versions", {})
+    ci = metrics.get("eval_accuracy_ci95") or [None, None]
+    lines = [
+        f"# LoRA adapter for {model['model_name_or_path']} on MedMCQA-style questions",
+        "",
+        f"> {NOT_ADVICE}",
+        "",
+        "## Model",
+        "",
+        f"- Base model: `{model['model_name_or_path']}` (revision {model.get('revision') or 'default'}, "
+        f"dtype {model.get('torch_dtype')})",
+        f"- Adapter: LoRA r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}; "
+        f"modules {', '.join(lora['lora_target_modules'])}; parameters "
+        f"{', '.join(lora['lora_target_parameters']) or 'none'}",
+        f"- Trainable parameters: {metrics['lora']['trainable_params']:,} of {metrics['lora']['total_params']:,}",
+        f"- Training backend: {metrics.get('backend', run.get('backend'))}; world size {metrics.get('world_size')}",
+        "",
+        "## Data",
+        "",
+        f"- Source: `{data['data_path']}`" + (f", eval `{data['eval_data_path']}`" if data.get("eval_data_path") else
+                                              f", eval = {data['eval_fraction']:.0%} held out (seed {data['split_seed']})"),
+        f"- Licence: {data_licence(str(data['data_path']))}",
+        f"- Examples: {metrics['train_examples']} train, {metrics['eval_examples']} eval; left out as longer than "
+        f"max_length: {', '.join(f'{k} {v}' for k, v in metrics['skipped_too_long'].items())}; invalid rows "
+        f"skipped: {metrics['skipped_invalid']}",
+        f"- Prompt style: `{data['style']}` (include option text: {data['include_option_text']}, explanation: "
+        f"{data['include_explanation']})",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "max_length", "optim", "lr_scheduler_type", "warmup_steps", "seed",
+                "bf16", "packing"):
+        if key in sft:
+            lines.append(f"| {key} | {sft[key]} |")
+    lines += [
+        f"| steps run | {metrics['global_steps']} |",
+        f"| train loss | {metrics['train_loss']:.4f} |",
+        f"| eval loss | {metrics['eval_loss']:.4f} |" if metrics.get("eval_loss") is not None else "| eval loss | — |",
+        "",
+        "## Results (MedMCQA log-likelihood scoring of A–D, as lm-evaluation-harness `medmcqa`)",
+        "",
+        f"- Accuracy: **{_pct(metrics['eval_accuracy'])}** on {metrics['eval_n']} held-out questions "
+        f"(95 % bootstrap CI {_pct(ci[0])} – {_pct(ci[1])})",
+        f"- Base model, same questions: {_pct(metrics['base_eval_accuracy'])}; majority-letter baseline "
+        f"{_pct(metrics.get('majority_baseline'))}",
+        "",
+        "| subject | n | base | adapter |",
+        "|---|---|---|---|",
+    ]
+    base = metrics.get("base_per_subject") or {}
+    for subject, row in sorted((metrics.get("per_subject") or {}).items()):
+        lines.append(f"| {subject} | {row['n']} | {_pct(base.get(subject, {}).get('accuracy'))} | "
+                     f"{_pct(row['accuracy'])} |")
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Research and education: studying how fine-tuning changes a model's answers to medical entrance-exam "
+        "questions, and as a starting point for further evaluation. Out of scope: any clinical, diagnostic, "
+        "triage or treatment use; answering questions of real patients; use without a human expert checking "
+        "every output.",
+        "",
+        "## Limitations",
+        "",
+        "- Exam questions are not clinical practice; accuracy here says little about safety at the bedside.",
+        "- The model can state wrong answers fluently; it has no notion of uncertainty it can report reliably.",
+        "- MedMCQA comes from Indian medical entrance exams (AIIMS / NEET PG); coverage of other curricula, "
+        "languages and populations is unknown.",
+        "",
+        "## Reproduce",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v and k != 'git_commit')}; "
+        f"commit {versions.get('git_commit')}. Hardware: {metrics.get('hardware', {}).get('gpu') or 'CPU'}. "
+        "Full configuration: `metrics.json` (`config`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise MedloraError(f"{run_dir}: no metrics.json (is it a finished `medlora train` output dir?)")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        text = render_model_card(metrics)
+    except (ValueError, KeyError, TypeError) as err:
+        raise MedloraError(f"{metrics_path}: not a medlora metrics file ({type(err).__name__}: {err})") from None
+    out = Path(output) if output else run_dir / "MODEL_CARD.md"
+    out.write_text(text, encoding="utf-8")
+    return out
