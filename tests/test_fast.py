@@ -168,6 +168,7 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     (["--backends", "fast[warp]"], "unknown levers"),
     (["--backends", "turbo"], "unknown backend"),
     (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
+    (["--backends", "hf+triton"], "needs an NVIDIA GPU"),
 ])
 def test_bench_refuses_bad_backend_options(args, message, capsys):
     from medlora.cli import main

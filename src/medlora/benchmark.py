@@ -326,6 +326,8 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
                                f"got {batch}")
         if backend == "unsloth" and not torch.cuda.is_available():
             raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
+        if backend == "hf+triton" and not torch.cuda.is_available():
+            raise MedloraError("--backends hf+triton needs an NVIDIA GPU (its Mamba2 ops are Triton kernels)")
     for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17)):
         if getattr(args, name) < low:
             raise MedloraError(f"--{name} must be >= {low}, got {getattr(args, name)}")

@@ -407,7 +407,11 @@ def patch_hf_mamba_ops() -> dict[str, Any]:
     """
     import transformers.models.nemotron_h.modeling_nemotron_h as nh
 
-    ssd, conv = _load_mamba_ssd(), _load_fla_conv()
+    try:
+        ssd, conv = _load_mamba_ssd(), _load_fla_conv()
+    except ImportError as err:
+        raise MedloraError(f"hf+triton needs mamba_ssm's Triton sources and fla-core ({err}); see README, "
+                           "'Backend fast'") from None
 
     def conv_fn(x, weight, bias=None, activation=None, **_):  # HF layout [B, D, L]
         return conv(x.transpose(1, 2).contiguous(), weight=weight, bias=bias, activation=activation)[0].transpose(1, 2)
