@@ -164,11 +164,30 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()
 
 
+def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
+    """--in_memory (for nano-full, whose checkpoint does not fit the GPU machines' disk): nothing is saved."""
+    import json
+
+    from conftest import SAMPLE, run_cli
+
+    proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
+                    "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
+                    "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
+                    "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert out["config"]["bench"]["in_memory"] is True and not (tmp_path / "models").exists()
+    by = {r["backend"]: r for r in out["results"]}
+    assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
+    assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backends", "fast[warp]"], "unknown levers"),
     (["--backends", "turbo"], "unknown backend"),
     (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
     (["--backends", "hf+triton"], "needs an NVIDIA GPU"),
+    (["--backends", "hf", "--in_memory", "true", "--model_spec", "nano-huge"], "--model_spec"),
 ])
 def test_bench_refuses_bad_backend_options(args, message, capsys):
     from medlora.cli import main

@@ -64,6 +64,9 @@ class BenchArguments:
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
     model_cache_dir: str = field(default="outputs/bench-models", metadata={"help": "random-weight models saved here"})
+    in_memory: bool = field(default=False, metadata={
+        "help": "build the random model on the device in every worker (same seed, same weights) instead of saving "
+                "it: nano-full's 63 GB do not fit the GPU machines' disk. hf, hf+triton and fast only"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     optim: str = field(default="adamw_bnb_8bit", metadata={"help": "optimizer, as in medlora train on a GPU"})
     seed: int = field(default=0, metadata={"help": "seed"})
@@ -92,6 +95,28 @@ def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
             torch.cuda.empty_cache()
 
     return write_model_dir(Path(cache_dir) / spec, {"spec": spec, "pattern": SPECS[spec], "seed": seed}, write)
+
+
+def build_in_memory(spec: str, seed: int, device):
+    """(model, tokenizer): the random model of `spec` built straight on `device` in bf16 (fp32 on CPU), no disk."""
+    import torch
+    from transformers import AutoModelForCausalLM, NemotronHConfig
+
+    from medlora.model import build_tiny_tokenizer, tiny_config_dict
+
+    if spec == "tiny":
+        config = NemotronHConfig(**tiny_config_dict())
+    elif spec in SPECS:
+        config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
+    else:
+        raise MedloraError(f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {spec!r}")
+    torch_device = torch.device(device if device is not None else "cpu")
+    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    with torch_device:  # parameters are created in `dtype` on the device: no fp32 copy of 31.6 B weights
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    return model, build_tiny_tokenizer()
 
 
 def model_path_for(args: BenchArguments) -> str:
@@ -200,7 +225,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     from medlora.backends import load_for_training
     from medlora.train import tokenize_rows
 
-    path = model_path_for(args)
+    path = args.model_spec if args.in_memory else model_path_for(args)
     model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
     cuda = torch.cuda.is_available()
     started = time.time()
@@ -209,9 +234,21 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         from medlora.fast import patch_hf_mamba_ops
 
         patched = patch_hf_mamba_ops()
-    model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
-                                                 args.max_length, checkpointing, args.seed,
-                                                 torch.device("cuda", 0) if cuda else None, fast_levers=levers)
+    if args.in_memory:
+        from medlora.model import apply_lora
+
+        model, tokenizer = build_in_memory(args.model_spec, args.seed, torch.device("cuda", 0) if cuda else None)
+        if args.experts_implementation:
+            model.set_experts_implementation(args.experts_implementation)
+        model, report = apply_lora(model, lora), {"model": "built in memory (random, seed %d)" % args.seed}
+        if backend == "fast":
+            from medlora import fast
+
+            report.update(fast.enable(model, levers, checkpointing))
+    else:
+        model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
+                                                     args.max_length, checkpointing, args.seed,
+                                                     torch.device("cuda", 0) if cuda else None, fast_levers=levers)
     report = {**report, **patched}
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
@@ -336,7 +373,12 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
     from medlora.data import load_medmcqa
 
     load_medmcqa(args.data_path, evaluation=True)  # a bad data file is reported here, not in every worker
-    model_path_for(args)  # build once, before the timed workers
+    if args.in_memory and args.model_spec not in ("tiny", *SPECS):
+        raise MedloraError(f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {args.model_spec!r}")
+    if args.in_memory and any(parse_backend(b)[0] == "unsloth" for b in args.backends):
+        raise MedloraError("--in_memory: Unsloth loads only from a saved model dir; bench it without --in_memory")
+    if not args.in_memory:
+        model_path_for(args)  # build once, before the timed workers
     runs: dict[str, list] = {b: [] for b in args.backends}
     payload = json.dumps({"bench": asdict(args), "lora": asdict(lora)})
     for round_index in range(args.rounds):
