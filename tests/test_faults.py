@@ -221,3 +221,15 @@ def test_no_unsafe_loading_in_the_package():
             assert "weights_only=True" in call, f"{path.name}: {call}"
         assert "pickle.load" not in text, path.name
     assert not getattr(ModelArguments(), "trust_remote_code", False)
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_clear_line(tmp_path, capsys):
+    from medlora.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/tiny.yaml", "--output_dir", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--output_dir {blocker / 'run'}: cannot write there" in err
+    assert "Traceback" not in err

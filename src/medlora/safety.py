@@ -53,8 +53,11 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise MedloraError(f"--output_dir {self.path.parent}: cannot write there ({err.strerror})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,7 +171,17 @@ def make_callbacks(trainer_ref: dict[str, Any]):
                   "stopping (send it again to abort without saving)", flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.signum is not None:
+            signum = self.signum or 0
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+                flag = torch.tensor([signum], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+                if signum and self.signum is None:
+                    self.signum = signum  # another rank got it first
+            if signum:
                 control.should_save = True
                 control.should_training_stop = True
             return control
