@@ -115,13 +115,22 @@ def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraA
     """
     if backend == "unsloth":
         return load_unsloth(model_args, lora_args, max_length, gradient_checkpointing, seed)
-    from medlora.model import apply_lora, load_model
+    from medlora.model import load_model
 
     model, tokenizer = load_model(model_args, device=device, trust_remote_code=trust_remote_code)
-    model = apply_lora(model, lora_args)
-    if backend == "fast":
-        from medlora import fast
+    model, report = wrap_for_training(backend, model, lora_args, gradient_checkpointing, fast_levers)
+    return model, tokenizer, report
 
-        levers = tuple(fast.LEVERS if fast_levers is None else fast_levers)
-        return model, tokenizer, fast.enable(model, levers, gradient_checkpointing)
-    return model, tokenizer, {}
+
+def wrap_for_training(backend: str, model, lora_args: LoraArguments, gradient_checkpointing: bool,
+                      fast_levers=None) -> tuple[Any, dict[str, Any]]:
+    """(PEFT model, backend report) for a loaded transformers model: `hf` and `fast` (Unsloth wraps its own)."""
+    from medlora.model import apply_lora
+
+    model = apply_lora(model, lora_args)
+    if backend != "fast":
+        return model, {}
+    from medlora import fast
+
+    levers = tuple(fast.LEVERS if fast_levers is None else fast_levers)
+    return model, fast.enable(model, levers, gradient_checkpointing)

@@ -235,16 +235,14 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
 
         patched = patch_hf_mamba_ops()
     if args.in_memory:
-        from medlora.model import apply_lora
+        from medlora.backends import wrap_for_training
 
         model, tokenizer = build_in_memory(args.model_spec, args.seed, torch.device("cuda", 0) if cuda else None)
         if args.experts_implementation:
             model.set_experts_implementation(args.experts_implementation)
-        model, report = apply_lora(model, lora), {"model": "built in memory (random, seed %d)" % args.seed}
-        if backend == "fast":
-            from medlora import fast
-
-            report.update(fast.enable(model, levers, checkpointing))
+        model, report = wrap_for_training("hf" if backend == "hf+triton" else backend, model, lora, checkpointing,
+                                          levers)
+        report = {"model": f"built in memory (random, seed {args.seed})", **report}
     else:
         model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
                                                      args.max_length, checkpointing, args.seed,

@@ -341,6 +341,9 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {FAST_LEVERS}")
     if train is not None:
         need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
+        need(not getattr(train, "hub_token", None), "--hub_token: pass the Hugging Face token through HF_TOKEN or "
+             "`hf auth login`, never as a flag or config key (it would be written into every checkpoint's "
+             "training_args.bin)")
         need(train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive")
         need(train.learning_rate > 0, f"--learning_rate must be positive, got {train.learning_rate}")
         need(train.max_length is None or train.max_length > 16, f"--max_length too small: {train.max_length}")

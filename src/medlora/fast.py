@@ -290,8 +290,9 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
     """Routed experts with LoRA as grouped low-rank products on the routed tokens only."""
     from transformers.integrations.moe import _grouped_mm
 
-    if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA grouped GEMM is bf16-only: loop over experts instead
-        _grouped_mm = torch.ops.transformers.grouped_mm_fallback  # noqa: N806
+    # CUDA grouped GEMM is bf16-only: other dtypes loop over the experts (transformers' registered fallback op)
+    grouped_mm = torch.ops.transformers.grouped_mm_fallback if x.is_cuda and x.dtype != torch.bfloat16 \
+        else _grouped_mm
     experts, lora = _experts_and_lora(experts_module)
     k = top_k_index.shape[1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
@@ -302,11 +303,11 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
 
     def project(inputs, name):
         weight = getattr(experts, name)  # [E, out, in], frozen
-        out = _grouped_mm(inputs, weight.transpose(1, 2), offsets)
+        out = grouped_mm(inputs, weight.transpose(1, 2), offsets)
         if name in lora:
             lhs, rhs, scale = lora[name]  # delta_e = scale * lhs_e @ rhs_e: lhs [E, out, r], rhs [E, r, in]
-            low = _grouped_mm(inputs, rhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
-            out = out + scale * _grouped_mm(low, lhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
+            low = grouped_mm(inputs, rhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
+            out = out + scale * grouped_mm(low, lhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
         return out
 
     hidden = experts.act_fn(project(routed, "up_proj"))

@@ -46,25 +46,24 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def _git_dirty() -> bool | None:
-    """True when tracked files differ from the commit: the numbers then belong to uncommitted code."""
+def _git(*args: str) -> str | None:
+    """stdout of a git command in the checkout medlora runs from; None outside a git checkout."""
     try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_dirty() -> bool | None:
+    """True when tracked files differ from the commit: the numbers then belong to uncommitted code."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return _git("rev-parse", "--short", "HEAD") or None
 
 
 def rank() -> int:

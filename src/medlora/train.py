@@ -195,9 +195,6 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     from medlora.safety import RunLock, oom_error
 
     validate(model_args, lora_args, data_args, run_args, train_args)
-    if getattr(train_args, "hub_token", None):
-        raise ConfigError("--hub_token: pass the Hugging Face token through HF_TOKEN or `hf auth login`, never as a "
-                          "flag or config key (it would be written into every checkpoint's training_args.bin)")
     output_dir = Path(train_args.output_dir)
     lock = RunLock(output_dir).acquire() if runinfo.is_main_process() else None
     try:
