@@ -190,10 +190,11 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     (["--backends", "hf", "--in_memory", "true", "--model_spec", "nano-huge"], "--model_spec"),
 ])
 def test_bench_refuses_bad_backend_options(args, message, capsys):
+    from conftest import SAMPLE
     from medlora.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--model_spec", "tiny", *args])
+        main(["bench", "--model_spec", "tiny", "--data_path", str(SAMPLE), *args])  # no ../shared needed
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
