@@ -636,6 +636,24 @@ def bench_zero_steps(c):
     return _bench(c, "--bench_steps", "0"), ["--bench_steps must be >= 1, got 0"]
 
 
+@cli_case("train-unknown-fast-checkpoint-block")
+def train_unknown_ckpt_block(c):
+    return (_train(c, "--backend", "fast", "--fast_checkpoint_blocks", "moe", "ffn"),
+            ["--fast_checkpoint_blocks: unknown ['ffn']; choose from ('mamba', 'attention', 'moe', 'mlp')"])
+
+
+@cli_case("bench-checkpoint-blocks-for-hf")
+def bench_ckpt_blocks_hf(c):
+    return (_bench(c, "--data_path", SAMPLE, "--backend_gradient_checkpointing", "hf=moe"),
+            ["--backend_gradient_checkpointing hf=moe: block kinds (selective checkpointing) are for fast backends"])
+
+
+@cli_case("bench-loss-positions-beyond-step")
+def bench_loss_positions(c):
+    return (["bench-loss", "--positions", "9000", "--results_dir", c.tmp / "results"],
+            ["--positions: each must be in 1..--step_tokens (6500), got [9000]"])
+
+
 @cli_case("bench-config-key-of-another-command")
 def bench_config_key(c):
     cfg = _yaml(c, "model_name_or_path: tiny\n")

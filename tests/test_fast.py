@@ -133,10 +133,56 @@ def test_grouped_lora_experts_never_form_the_full_delta(lora_pair, monkeypatch):
     assert any("experts" in n and g.norm() > 0 for n, g in grads.items())
 
 
+def test_norm_and_router_functions_equal_transformers_modules(tiny):
+    """The pure functions the `compile` lever compiles are the modules they replace (bit for bit, fp32)."""
+    base, _ = tiny
+    torch.manual_seed(1)
+    layers = list(base.model.layers)
+    mamba = next(b for b in layers if b.block_type == "linear_attention").mixer
+    moe = next(b for b in layers if b.block_type == "moe").mixer
+    x = torch.randn(37, base.config.hidden_size)
+    norm = layers[0].norm
+    with torch.no_grad():
+        norm.weight.normal_()
+        moe.gate.weight.normal_()
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    assert torch.equal(fast.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+    y, gate = torch.randn(37, mamba.intermediate_size), torch.randn(37, mamba.intermediate_size)
+    assert torch.equal(fast.gated_rms_norm(y, gate, mamba.norm.weight, mamba.norm.variance_epsilon,
+                                           mamba.norm.group_size), mamba.norm(y, gate))
+    g = moe.gate
+    _, ref_w, ref_i = g(x)
+    w, i = fast.route(x, g.weight, g.e_score_correction_bias, g.top_k, g.num_group, g.topk_group,
+                      g.norm_topk_prob, g.routed_scaling_factor)
+    order, ref_order = i.sort(dim=1), ref_i.sort(dim=1)
+    assert torch.equal(order.values, ref_order.values)
+    assert torch.allclose(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices), rtol=1e-6, atol=0)
+
+
+def test_selective_checkpointing_keeps_every_gradient(lora_pair):
+    """Checkpointing some block kinds (or all) changes memory, never the gradients."""
+    _, fst = lora_pair
+    _, ids, mask, labels = batch([50, 33])
+    fst.train()
+    fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
+    _, plain = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+    for blocks in (("moe",), ("mamba", "attention"), True):
+        info = fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=blocks)
+        assert info["gradient_checkpointing"].startswith("per block")
+        _, grads = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+        assert set(grads) == set(plain)
+        for name, g in plain.items():
+            assert torch.allclose(grads[name], g, rtol=1e-5, atol=1e-7), (blocks, name)
+    fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
+    with pytest.raises(Exception, match="unknown"):
+        fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=("attention", "ffn"))
+
+
 def test_fast_falls_back_with_a_message_on_cpu(capsys):
     kernels, notes = fast.load_kernels(fast.LEVERS, "cpu")
     assert kernels.ssd is None and kernels.conv is None and kernels.varlen_attention is None
     assert any("no CUDA" in n for n in notes)
+    assert any("lever `compile` is for GPUs" in n for n in notes) and kernels.route is fast.route
     with pytest.raises(Exception, match="unknown"):
         fast.load_kernels(("warp_drive",), "cpu")
 
@@ -171,6 +217,7 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     from conftest import SAMPLE, run_cli
 
     proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
+                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true",
                     "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
                     "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
                     "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
@@ -180,6 +227,51 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     by = {r["backend"]: r for r in out["results"]}
     assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
     assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
+    # selective checkpointing reaches the fast forward; the profiled last step is reported, not timed
+    assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
+    assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
+    assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
+
+
+def test_bench_keeps_results_when_a_worker_fails(tmp_path, monkeypatch, capsys):
+    """A crashed worker is recorded as failed, the JSON is still written, and the command exits 2 naming it."""
+    import json
+    import subprocess
+
+    from conftest import SAMPLE
+    from medlora.cli import main
+
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: subprocess.CompletedProcess(cmd, 1)
+                        if "--worker" in cmd else real_run(cmd, *a, **k))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "--rounds", "1", "--data_path", str(SAMPLE),
+              "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "worker(s) for hf, fast failed" in err and "Traceback" not in err
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert [(r["backend"], r["failed"], r["tokens_per_s"]) for r in out["results"]] == [("hf", True, None),
+                                                                                       ("fast", True, None)]
+
+
+def test_bench_loss_compares_lm_head_implementations(tmp_path, capsys):
+    import json
+
+    from medlora.cli import main
+
+    main(["bench-loss", "--positions", "20", "120", "--step_tokens", "120", "--hidden_size", "32", "--vocab_size",
+          "500", "--iters", "2", "--warmup", "1", "--results_dir", str(tmp_path)])
+    out = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {(r["positions"], r["impl"]): r for r in out["results"]}
+    for positions in (20, 120):
+        for impl in ("full_logits", "trl_chunked"):  # same maths in fp32 on CPU: equal to the reference
+            r = rows[positions, impl]
+            assert r["ms_median"] > 0 and r["loss_abs_diff_vs_fp32"] < 1e-5 and r["grad_rel_diff_vs_fp32"] < 1e-5
+        assert "needs CUDA" in rows[positions, "cce"]["skipped"] and "needs CUDA" in rows[positions, "liger"]["skipped"]
+    assert out["versions"]["trl"] and "| 20 | trl_chunked |" in next(tmp_path.glob("*.md")).read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench-loss", "--positions", "500", "--step_tokens", "100", "--results_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--positions" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -187,6 +279,8 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     (["--backends", "turbo"], "unknown backend"),
     (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
     (["--backends", "hf+triton"], "needs an NVIDIA GPU"),
+    (["--backends", "hf", "--backend_gradient_checkpointing", "hf=moe"], "are for fast backends"),
+    (["--backends", "fast", "--backend_gradient_checkpointing", "fast=ffn"], "bad value"),
     (["--backends", "hf", "--in_memory", "true", "--model_spec", "nano-huge"], "--model_spec"),
 ])
 def test_bench_refuses_bad_backend_options(args, message, capsys):

@@ -6,9 +6,10 @@ Stated tolerances (relative error = |a - b| / |b| over the whole tensor):
   inputs in TF32, whatever torch's TF32 flags say: measured 1.5e-3 on an H100); bf16: outputs 2e-2,
   gradients 5e-2.
 * nano-quarter in fp32 (TF32 off): logits 1e-3, loss 1e-4, every LoRA gradient 1e-2.
-* nano-quarter in bf16: loss 1e-2 and logits 5e-2 — on random weights a bf16 rounding difference can
-  flip a token's top-6 experts, so per-tensor gradient agreement is checked in fp32 only; in bf16 the
-  LoRA gradients must agree in direction (cosine > 0.98 summed over all tensors).
+* nano-quarter in bf16: bf16 `fast` against the fp32 reference may be at most 1.5x as far off as bf16 `hf`
+  (logits, loss; + 1e-3 / 1e-4 floors), with a gradient cosine no more than 0.02 below bf16 `hf`'s. A fixed
+  bf16 tolerance does not hold for either path on random weights: a rounding difference can flip a token's
+  top-6 experts (measured: bf16 fast vs bf16 hf, logits 0.23 relative, loss 7e-4, gradient cosine 0.973).
 Measured numbers go to $MEDLORA_GPU_REPORT (JSON lines) when it is set.
 """
 
@@ -110,31 +111,52 @@ def _step(model, batch):
     return out.logits.detach().float(), out.loss.item(), grads
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fast_matches_hf_on_nano_quarter(dtype):
+def _compare(got, want):
+    """logits / loss / gradient agreement of one (logits, loss, grads) triple with another."""
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads), real = got, want[:3], want[3]
+    assert set(grads) == set(ref_grads) and len(ref_grads) > 0
+    per_tensor = {n: rel(grads[n], g) for n, g in ref_grads.items()}
+    cosine = float(sum((grads[n] * g).sum() for n, g in ref_grads.items())
+                   / (sum(grads[n].norm() ** 2 for n in ref_grads) ** 0.5
+                      * sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5))
+    return dict(logits=rel(logits[real], ref_logits[real]), loss=abs(loss - ref_loss) / abs(ref_loss),
+                grad_max=max(per_tensor.values()), grad_median=sorted(per_tensor.values())[len(per_tensor) // 2],
+                grad_cosine=cosine, lora_tensors=len(per_tensor))
+
+
+def test_fast_matches_hf_on_nano_quarter_fp32():
     from medlora import fast
 
-    model, tok = _nano(dtype)
+    model, tok = _nano("float32")
     batch, _ = _batch(tok, 4)
     batch = {k: v.cuda() for k, v in batch.items()}
-    real = batch["attention_mask"].bool()
-    ref_logits, ref_loss, ref_grads = _step(model, batch)  # transformers + PEFT, before any fast kernel loads
+    reference = (*_step(model, batch), batch["attention_mask"].bool())  # transformers + PEFT, before any fast kernel
     info = fast.enable(model, fast.LEVERS)
-    fast_logits, fast_loss, fast_grads = _step(model, batch)
-    fast.disable(model)
-    assert set(fast_grads) == set(ref_grads) and len(ref_grads) > 0
-    per_tensor = {n: rel(fast_grads[n], g) for n, g in ref_grads.items()}
-    cosine = float(sum((fast_grads[n] * g).sum() for n, g in ref_grads.items())
-                   / (sum(fast_grads[n].norm() ** 2 for n in ref_grads) ** 0.5
-                      * sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5))
-    numbers = dict(logits=rel(fast_logits[real], ref_logits[real]), loss=abs(fast_loss - ref_loss) / abs(ref_loss),
-                   grad_max=max(per_tensor.values()), grad_median=sorted(per_tensor.values())[len(per_tensor) // 2],
-                   grad_cosine=cosine, lora_tensors=len(per_tensor), kernels=info["kernels"])
-    report(f"nano-quarter-{dtype}", **numbers)
-    if dtype == "float32":
-        assert numbers["logits"] < 1e-3 and numbers["loss"] < 1e-4 and numbers["grad_max"] < 1e-2, numbers
-    else:
-        assert numbers["logits"] < 5e-2 and numbers["loss"] < 1e-2 and cosine > 0.98, numbers
+    numbers = _compare(_step(model, batch), reference)
+    report("nano-quarter-float32", **numbers, kernels=info["kernels"])
+    assert numbers["logits"] < 1e-3 and numbers["loss"] < 1e-4 and numbers["grad_max"] < 1e-2, numbers
+
+
+def test_fast_bf16_is_as_close_to_fp32_as_hf_bf16_on_nano_quarter():
+    """In bf16 both paths round differently (and a rounding can flip a token's top-6 experts on random weights),
+    so bf16 `fast` is held to the standard of bf16 `hf`: against the same fp32 truth, its logits and loss may
+    be at most 1.5x (+ a small floor) further off, and its gradients as well aligned (cosine within 0.02)."""
+    from medlora import fast
+
+    model, tok = _nano("float32")  # the saved weights are bf16, so fp32 and bf16 models hold the same values
+    batch, _ = _batch(tok, 4)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    truth = (*_step(model, batch), batch["attention_mask"].bool())
+    del model
+    torch.cuda.empty_cache()
+    model, _ = _nano("bfloat16")
+    hf_numbers = _compare(_step(model, batch), truth)
+    fast.enable(model, fast.LEVERS)
+    fast_numbers = _compare(_step(model, batch), truth)
+    report("nano-quarter-bfloat16-vs-fp32", hf=hf_numbers, fast=fast_numbers)
+    for key, floor in (("logits", 1e-3), ("loss", 1e-4)):
+        assert fast_numbers[key] <= 1.5 * hf_numbers[key] + floor, (key, hf_numbers, fast_numbers)
+    assert fast_numbers["grad_cosine"] >= hf_numbers["grad_cosine"] - 0.02, (hf_numbers, fast_numbers)
 
 
 def test_fast_packed_batch_equals_samples_alone_on_nano_quarter():

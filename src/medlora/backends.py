@@ -132,5 +132,5 @@ def wrap_for_training(backend: str, model, lora_args: LoraArguments, gradient_ch
         return model, {}
     from medlora import fast
 
-    levers = tuple(fast.LEVERS if fast_levers is None else fast_levers)
+    levers = tuple(fast.DEFAULT_LEVERS if fast_levers is None else fast_levers)
     return model, fast.enable(model, levers, gradient_checkpointing)

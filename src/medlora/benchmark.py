@@ -59,7 +59,10 @@ class BenchArguments:
     backend_batch_size: list[str] = field(default_factory=list, metadata={
         "help": "per-backend questions per step, e.g. hf=4 unsloth=16 fast=64 (each backend at its best)"})
     backend_gradient_checkpointing: list[str] = field(default_factory=list, metadata={
-        "help": "per-backend activation checkpointing, e.g. hf=false fast=true"})
+        "help": "per-backend activation checkpointing, e.g. hf=false fast=true; fast also takes block kinds "
+                "(selective), e.g. fast=moe+mamba"})
+    profile: bool = field(default=False, metadata={
+        "help": "profile the last timed step of each worker (torch.profiler): top GPU kernels in the JSON"})
     experts_implementation: str | None = field(default="grouped_mm", metadata={"help": "MoE experts kernel"})
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
@@ -74,27 +77,28 @@ class BenchArguments:
 
 
 def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
-    """Nemotron-3-Nano widths, random bf16 weights, first N layers of the hybrid pattern; saved once."""
-    import torch
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    """Nemotron-3-Nano widths, random bf16 weights, first N layers of the hybrid pattern; saved once.
 
-    from medlora.model import build_tiny_tokenizer, write_model_dir
+    The weights are those `build_in_memory` makes on the same device with the same seed (created in bf16 on
+    the GPU: nano-full never exists in fp32), so `--in_memory` runs train the same model.
+    """
+    import torch
+
+    from medlora.model import write_model_dir
 
     if spec not in SPECS:
         raise MedloraError(f"--model_spec must be tiny, a local dir, or one of {sorted(SPECS)}; got {spec!r}")
-    config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
 
     def write(tmp: Path) -> None:  # single process: save_pretrained's rank-0 rule is no concern here
-        torch.manual_seed(seed)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = NemotronHForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tiny_tokenizer().save_pretrained(tmp)  # ids < 2048 fit any vocabulary; lengths differ from Nemotron's
+        model, tokenizer = build_in_memory(spec, seed, "cuda" if torch.cuda.is_available() else None)
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)  # ids < 2048 fit any vocabulary; lengths differ from Nemotron's
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    return write_model_dir(Path(cache_dir) / spec, {"spec": spec, "pattern": SPECS[spec], "seed": seed}, write)
+    stamp = {"spec": spec, "pattern": SPECS[spec], "seed": seed, "init": "build_in_memory"}
+    return write_model_dir(Path(cache_dir) / spec, stamp, write)
 
 
 def build_in_memory(spec: str, seed: int, device):
@@ -198,10 +202,27 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool]:
+def _checkpointing(text: str) -> bool | tuple[str, ...]:
+    """true / false, or block kinds joined by '+' (selective checkpointing, backend fast)."""
+    from medlora.config import FAST_CHECKPOINT_BLOCKS
+
+    try:
+        return _bool(text)
+    except ValueError:
+        kinds = tuple(text.split("+"))
+        if not set(kinds) <= set(FAST_CHECKPOINT_BLOCKS):
+            raise ValueError(text) from None
+        return kinds
+
+
+def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool | tuple[str, ...]]:
+    checkpointing = per_backend(args.backend_gradient_checkpointing, spec, args.gradient_checkpointing,
+                                _checkpointing, "backend_gradient_checkpointing")
+    if isinstance(checkpointing, tuple) and parse_backend(spec)[0] != "fast":
+        raise MedloraError(f"--backend_gradient_checkpointing {spec}={'+'.join(checkpointing)}: block kinds "
+                           "(selective checkpointing) are for fast backends; use true or false")
     return (per_backend(args.backend_batch_size, spec, args.per_device_train_batch_size, int, "backend_batch_size"),
-            per_backend(args.backend_gradient_checkpointing, spec, args.gradient_checkpointing, _bool,
-                        "backend_gradient_checkpointing"))
+            checkpointing)
 
 
 # ---------------------------------------------------------------- worker (one backend, one process)
@@ -262,24 +283,35 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         output_dir=tempfile.mkdtemp(prefix="medlora-bench-"), max_steps=steps,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        gradient_checkpointing=checkpointing and backend in ("hf", "hf+triton"),  # others checkpoint themselves
+        gradient_checkpointing=bool(checkpointing) and backend in ("hf", "hf+triton"),  # others do it themselves
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda, use_cpu=not cuda,
         optim=args.optim if cuda else "adamw_torch", max_length=args.max_length, completion_only_loss=True,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000,
         train_sampling_strategy="sequential", dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
     )
     step_times: list[float] = []
+    profile: list[dict[str, Any]] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
+            self.profiler = None
+            if args.profile and len(step_times) == steps - 1:  # the last step, after the timed ones are settled
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+                self.profiler.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - self.t0)
+            if self.profiler is None:
+                step_times.append(time.perf_counter() - self.t0)
+                return
+            self.profiler.__exit__(None, None, None)
+            step_times.append(time.perf_counter() - self.t0)  # profiled: reported, not timed (see timed_steps)
+            profile.extend(top_kernels(self.profiler, cuda))
 
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[StepTimer()])
@@ -297,27 +329,42 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "backend": spec, "batch_size": batch, "load_s": round(load_s, 1), "step_times": step_times,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
         "timed_from_step": args.bench_warmup_steps,
+        "timed_steps": args.bench_steps - (1 if args.profile else 0),
+        "profile_last_step": profile,
         "mean_tokens_per_sample": statistics.fmean(lengths),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": active_params(base_model),
         "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
         "too_long_left_out": len(too_long),
-        "gradient_checkpointing": "unsloth" if backend == "unsloth" and checkpointing else checkpointing,
+        "gradient_checkpointing": "unsloth" if backend == "unsloth" and checkpointing
+        else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
         "backend_report": report,
     }
+
+
+def top_kernels(profiler, cuda: bool, limit: int = 25) -> list[dict[str, Any]]:
+    """The operations/kernels that took the most device (or CPU) time in the profiled step."""
+    events = profiler.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:limit]
+    return [{"name": e.key[:120], "ms": round(getattr(e, attr) / 1000, 3), "share": round(getattr(e, attr) / total, 4),
+             "calls": e.count} for e in rows]
 
 
 # ---------------------------------------------------------------- driver
 
 
 def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
-    if any(r.get("oom") for r in runs):
-        return {"backend": runs[0]["backend"], "batch_size": batch, "oom": True, "error": next(r["error"] for r in runs if r.get("oom")),
-                "tokens_per_s": None}
+    for outcome in ("oom", "failed"):
+        if any(r.get(outcome) for r in runs):
+            return {"backend": runs[0]["backend"], "batch_size": batch, outcome: True,
+                    "error": next(r["error"] for r in runs if r.get(outcome)), "tokens_per_s": None}
     times, tokens, trained, padded = [], 0, 0, 0
     for run in runs:
-        timed = run["step_times"][run["timed_from_step"]:]
+        start = run["timed_from_step"]
+        timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
         times += timed
         for (t, tr, pad), _ in zip(run["tokens_per_step"], timed):
             tokens, trained, padded = tokens + t, trained + tr, padded + pad
@@ -345,6 +392,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "load_s": [r["load_s"] for r in runs],
         "gradient_checkpointing": first["gradient_checkpointing"],
         "backend_report": first["backend_report"],
+        **({"profile_last_step": first["profile_last_step"]} if first.get("profile_last_step") else {}),
     }
 
 
@@ -386,9 +434,10 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             cmd = [sys.executable, "-m", "medlora.benchmark", "--worker", backend, payload, result_path]
             print(f"bench round {round_index + 1}/{args.rounds}: {backend}", flush=True)
             proc = subprocess.run(cmd, text=True)
-            if proc.returncode != 0:
-                raise MedloraError(f"bench worker for backend {backend!r} failed (exit {proc.returncode}); "
-                                   "its output is above")
+            if proc.returncode != 0:  # recorded, and the other backends still run: a long bench keeps its results
+                runs[backend].append({"backend": backend, "failed": True,
+                                      "error": f"worker exited {proc.returncode}; its output is in the log above"})
+                continue
             runs[backend].append(json.loads(Path(result_path).read_text()))
     hw = runinfo.hardware()
     gpu = hw.get("gpu")
@@ -420,6 +469,10 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
     plot(out, results_dir / f"{stem}.png")
     print(markdown_table(out))
     print(f"wrote {json_path} (+ .md, .png)")
+    failed = [r["backend"] for r in results if r.get("failed")]
+    if failed:
+        raise MedloraError(f"bench: worker(s) for {', '.join(failed)} failed (output above); the other backends' "
+                           f"results are in {json_path}")
     return json_path
 
 
@@ -437,8 +490,9 @@ def markdown_table(out: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
-        if r.get("oom"):
-            lines.append(f"| {r['backend']} | {r['batch_size']} | | out of memory | | | | | | | | | |")
+        if r.get("oom") or r.get("failed"):
+            what = "out of memory" if r.get("oom") else "failed"
+            lines.append(f"| {r['backend']} | {r['batch_size']} | | {what} | | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
         ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("speedup_vs_hf", "speedup_vs_unsloth"))
@@ -455,7 +509,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["backend"] + (" (OOM)" if r.get("oom") else "") for r in out["results"]]
+    names = [r["backend"] + (" (OOM)" if r.get("oom") else " (failed)" if r.get("failed") else "")
+             for r in out["results"]]
     values = [r["tokens_per_s"] or 0 for r in out["results"]]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3))
     bars = ax.bar(names, values, color=(["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"] * 3)[: len(names)])

@@ -23,6 +23,7 @@ commands:
   eval        MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json
   ask         answer one question with the exact training prompt
   bench       time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results
+  bench-loss  time the LM head + cross-entropy alone per implementation (TRL, full logits, CCE, Liger)
   report      (re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json
   build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
 
@@ -145,6 +146,14 @@ def cmd_bench(argv: Sequence[str]) -> None:
     run_bench(bench_args, lora_args)
 
 
+def cmd_bench_loss(argv: Sequence[str]) -> None:
+    from medlora.loss_bench import LossBenchArguments, run_loss_bench
+
+    _sections_help(argv, (LossBenchArguments,), "medlora bench-loss")
+    (args,) = parse_config(argv, (LossBenchArguments,), "medlora bench-loss")
+    run_loss_bench(args)
+
+
 def cmd_report(argv: Sequence[str]) -> None:
     from medlora.modelcard import ReportArguments, write_model_card
 
@@ -161,7 +170,7 @@ def cmd_build_tiny(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "bench": cmd_bench, "report": cmd_report, "build-tiny": cmd_build_tiny}
+            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "build-tiny": cmd_build_tiny}
 
 
 @main_guard

@@ -22,7 +22,10 @@ import yaml
 TINY_MODEL = "tiny"
 REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
 BACKENDS = ("hf", "unsloth", "fast")
-FAST_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")  # medlora.fast.LEVERS
+FAST_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention", "compile")  # medlora.fast.LEVERS
+# on by default: `compile` is opt-in (measured in README, "Backend fast")
+FAST_DEFAULT_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")
+FAST_CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # block kinds of Nemotron-H
 
 
 class ConfigError(ValueError):
@@ -89,8 +92,12 @@ class DataArguments:
 class RunArguments:
     backend: str = field(default="hf", metadata={"help": "hf (Transformers + PEFT + TRL), unsloth, or fast "
                                                          "(medlora's padding-free Triton path; see AGENTS.md)"})
-    fast_levers: list[str] = field(default_factory=lambda: list(FAST_LEVERS),
-                                   metadata={"help": "backend fast: kernels to use (the rest run PyTorch references)"})
+    fast_levers: list[str] = field(default_factory=lambda: list(FAST_DEFAULT_LEVERS),
+                                   metadata={"help": "backend fast: kernels to use (the rest run PyTorch references); "
+                                                     f"any of {', '.join(FAST_LEVERS)}"})
+    fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(FAST_CHECKPOINT_BLOCKS), metadata={
+        "help": "backend fast with --gradient_checkpointing: which block kinds recompute their activations "
+                "(selective checkpointing), any of " + ", ".join(FAST_CHECKPOINT_BLOCKS)})
     eval_accuracy_samples: int = field(
         default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
     )
@@ -339,6 +346,8 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(run.eval_batch_size > 0, "--eval_batch_size must be positive")
         unknown = set(run.fast_levers) - set(FAST_LEVERS)
         need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {FAST_LEVERS}")
+        unknown = set(run.fast_checkpoint_blocks) - set(FAST_CHECKPOINT_BLOCKS)
+        need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {FAST_CHECKPOINT_BLOCKS}")
     if train is not None:
         need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
         need(not getattr(train, "hub_token", None), "--hub_token: pass the Hugging Face token through HF_TOKEN or "

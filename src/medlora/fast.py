@@ -14,6 +14,9 @@ adapter files); only the backbone's forward is replaced, on this one instance:
   (PEFT's `target_parameters` path forms it for all 128 experts on every call).
 * attention: `torch.nn.attention.varlen.varlen_attn` (flash) over `cu_seqlens`.
 * the LM head is TRL's: it projects only the positions with a label (completion tokens) in chunks.
+* `compile` (opt-in): the norms and the router — the elementwise work between the kernels — run as
+  `torch.compile(dynamic=True)` graphs of pure functions equal to transformers' modules.
+* activation checkpointing per block, optionally for some block kinds only (selective).
 
 Each kernel has an exact PyTorch reference (used on CPU, where the Triton kernels cannot run, and
 in the equivalence tests). `levers` switches kernels off one at a time for the bench.
@@ -35,7 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medlora.config import FAST_LEVERS as LEVERS  # triton_mamba, grouped_lora_moe, varlen_attention
+from medlora.config import FAST_CHECKPOINT_BLOCKS as CHECKPOINT_BLOCKS  # mamba, attention, moe, mlp
+from medlora.config import FAST_DEFAULT_LEVERS as DEFAULT_LEVERS
+from medlora.config import FAST_LEVERS as LEVERS  # triton_mamba, grouped_lora_moe, varlen_attention, compile
 from medlora.config import MedloraError
 
 
@@ -125,6 +130,14 @@ class Kernels:
     conv: Any = None  # fla causal_conv1d or None
     varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
     grouped_lora_moe: bool = True
+    rms_norm: Any = None  # the pure functions below, compiled with the `compile` lever
+    gated_rms_norm: Any = None
+    route: Any = None
+
+    def __post_init__(self):
+        self.rms_norm = self.rms_norm or rms_norm
+        self.gated_rms_norm = self.gated_rms_norm or gated_rms_norm
+        self.route = self.route or route
 
     def describe(self) -> dict[str, str]:
         return {
@@ -133,10 +146,11 @@ class Kernels:
             "attention": "torch varlen_attn (flash, cu_seqlens)" if self.varlen_attention else "SDPA + block-diagonal causal mask",
             "moe_lora": "grouped GEMM + grouped low-rank LoRA on routed tokens" if self.grouped_lora_moe
             else "PEFT target_parameters (W + BA for every expert)",
+            "norms_and_router": "torch.compile(dynamic=True)" if self.route is not route else "eager",
         }
 
 
-def load_kernels(levers: tuple[str, ...] = LEVERS, device=None) -> tuple[Kernels, list[str]]:
+def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None) -> tuple[Kernels, list[str]]:
     """The kernels this machine can run for the requested levers, and a message for each one that fell back."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
@@ -164,7 +178,50 @@ def load_kernels(levers: tuple[str, ...] = LEVERS, device=None) -> tuple[Kernels
                 kernels.varlen_attention = varlen_attn
             except ImportError as err:
                 notes.append(f"fast: torch varlen_attn unavailable ({err}); attention uses SDPA with a mask")
+    if "compile" in levers:
+        if not cuda:  # inductor's CPU path needs a C++ toolchain and buys nothing for tests
+            notes.append("fast: no CUDA device, so norms and router run eagerly (lever `compile` is for GPUs)")
+        else:
+            kernels.rms_norm, kernels.gated_rms_norm, kernels.route = (
+                torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm, route))
     return kernels, notes
+
+
+# ---------------------------------------------------------------- norms and router as pure functions
+# Equal to NemotronHRMSNorm, Zamba2RMSNormGated and NemotronHTopkRouter (tested), written without `self`
+# so one compiled graph serves every layer (compiling module methods would guard on each instance).
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   group_size: int) -> torch.Tensor:
+    h = x.float() * F.silu(gate.float())
+    grouped = h.view(*h.shape[:-1], h.shape[-1] // group_size, group_size)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * grouped.view(h.shape).to(x.dtype)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k weights, top_k expert ids) of each token: sigmoid scores, group-limited top-k."""
+    scores = F.linear(x.float(), weight.float()).sigmoid()
+    choice = scores + bias
+    n_experts = choice.shape[-1]
+    group_scores = choice.view(-1, n_group, n_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_experts // n_group).reshape(-1, n_experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    index = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, index)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, index
 
 
 # ---------------------------------------------------------------- kernels: PyTorch references
@@ -246,7 +303,8 @@ def mamba_forward(mixer, x: torch.Tensor, stream: Stream, kernels: Kernels) -> t
                           B.reshape(T, g, n).float().repeat_interleave(rep, dim=1),
                           C.reshape(T, g, n).float().repeat_interleave(rep, dim=1),
                           mixer.D.float(), stream.seq_id, mixer.chunk_size)
-    y = mixer.norm(y.reshape(T, -1), gate)
+    norm = mixer.norm
+    y = kernels.gated_rms_norm(y.reshape(T, -1), gate, norm.weight, norm.variance_epsilon, norm.group_size)
     return mixer.out_proj(y.to(x.dtype))  # called as a module: a LoRA on out_proj is applied, never bypassed
 
 
@@ -316,7 +374,10 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
 
 
 def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-    _, top_k_weights, top_k_index = mixer.gate(x)
+    gate = mixer.gate
+    top_k_weights, top_k_index = kernels.route(x, gate.weight, gate.e_score_correction_bias, gate.top_k,
+                                               gate.num_group, gate.topk_group, gate.norm_topk_prob,
+                                               gate.routed_scaling_factor)
     latent = mixer.fc1_latent_proj(x)
     if kernels.grouped_lora_moe:
         routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights)
@@ -325,8 +386,11 @@ def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     return mixer.fc2_latent_proj(routed) + mixer.shared_experts(x)
 
 
+BLOCK_KIND = {"linear_attention": "mamba", "full_attention": "attention", "moe": "moe", "mlp": "mlp"}
+
+
 def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
-    normed = block.norm(x.to(block.norm.weight.dtype))
+    normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
     if block.block_type == "linear_attention":
         out = mamba_forward(block.mixer, normed, stream, kernels)
     elif block.block_type == "full_attention":
@@ -357,13 +421,13 @@ def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_id
     if stream.keep is not None:
         x = x[stream.keep]
     kernels = self._medlora_kernels
-    checkpoint = self.training and getattr(self, "_medlora_checkpointing", False)
+    checkpointed = self._medlora_checkpoint_blocks if self.training else ()
     for block in self.layers:
-        if checkpoint:
+        if BLOCK_KIND.get(block.block_type, block.block_type) in checkpointed:
             x = torch.utils.checkpoint.checkpoint(block_forward, block, x, stream, kernels, use_reentrant=False)
         else:
             x = block_forward(block, x, stream, kernels)
-    x = self.norm_f(x)
+    x = kernels.rms_norm(x, self.norm_f.weight, self.norm_f.variance_epsilon)
     if stream.keep is not None:
         x = x.new_zeros(b * length, hidden).index_copy_(0, stream.keep, x)
     return BaseModelOutputWithPast(last_hidden_state=x.reshape(b, length, hidden))
@@ -377,20 +441,29 @@ def backbone_of(model):
     raise MedloraError(f"backend fast supports Nemotron-H models only; {type(model).__name__} has no NemotronHModel")
 
 
-def enable(model, levers: tuple[str, ...] = LEVERS, gradient_checkpointing: bool = False) -> dict[str, Any]:
-    """Switch one model instance to the fast forward; returns what runs where (and why, where it fell back)."""
+def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointing=False) -> dict[str, Any]:
+    """Switch one model instance to the fast forward; returns what runs where (and why, where it fell back).
+
+    gradient_checkpointing: True (every block), False, or the block kinds to checkpoint (CHECKPOINT_BLOCKS).
+    """
+    if gradient_checkpointing is True:
+        gradient_checkpointing = CHECKPOINT_BLOCKS
+    blocks = tuple(gradient_checkpointing or ())
+    unknown = set(blocks) - set(CHECKPOINT_BLOCKS)
+    if unknown:
+        raise MedloraError(f"fast checkpoint blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
     backbone = backbone_of(model)
     device = next(backbone.parameters()).device
     kernels, notes = load_kernels(tuple(levers), device)
     if not hasattr(backbone, "_medlora_reference_forward"):
         backbone._medlora_reference_forward = backbone.forward
     backbone._medlora_kernels = kernels
-    backbone._medlora_checkpointing = gradient_checkpointing
+    backbone._medlora_checkpoint_blocks = blocks
     backbone.forward = types.MethodType(_fast_backbone_forward, backbone)
     for note in notes:
         print(note, flush=True)
     return {"levers": list(levers), "kernels": kernels.describe(), "fallbacks": notes,
-            "gradient_checkpointing": "per block (torch.utils.checkpoint)" if gradient_checkpointing else False}
+            "gradient_checkpointing": (f"per block (torch.utils.checkpoint): {'+'.join(blocks)}" if blocks else False)}
 
 
 def disable(model) -> None:

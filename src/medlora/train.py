@@ -236,8 +236,11 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         if report.issues:
             console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
     resume_path = resolve_resume(output_dir, resume)
+    checkpointing = train_args.gradient_checkpointing
+    if run_args.backend == "fast" and checkpointing:
+        checkpointing = tuple(run_args.fast_checkpoint_blocks)  # selective: only these block kinds recompute
     model, tokenizer, backend_report = load_for_training(
-        run_args.backend, model_args, lora_args, train_args.max_length or 2048, train_args.gradient_checkpointing,
+        run_args.backend, model_args, lora_args, train_args.max_length or 2048, checkpointing,
         train_args.seed, device, train_args.trust_remote_code, run_args.fast_levers)
     if run_args.backend in ("unsloth", "fast"):
         train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
