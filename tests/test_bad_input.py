@@ -642,6 +642,16 @@ def train_unknown_ckpt_block(c):
             ["--fast_checkpoint_blocks: unknown ['ffn']; choose from ('mamba', 'attention', 'moe', 'mlp')"])
 
 
+@cli_case("train-fsdp2-without-torchrun")
+def train_fsdp2_single(c):
+    return _train(c, "--fsdp2", "true"), ["--fsdp2 needs a distributed launch: torchrun --nproc_per_node=N"]
+
+
+@cli_case("train-fsdp2-with-backend-fast")
+def train_fsdp2_fast(c):
+    return _train(c, "--fsdp2", "true", "--backend", "fast"), ["--fsdp2: backend 'fast' is not supported with FSDP2"]
+
+
 @cli_case("bench-checkpoint-blocks-for-hf")
 def bench_ckpt_blocks_hf(c):
     return (_bench(c, "--data_path", SAMPLE, "--backend_gradient_checkpointing", "hf=moe"),

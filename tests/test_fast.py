@@ -217,7 +217,7 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     from conftest import SAMPLE, run_cli
 
     proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
-                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true",
+                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--nproc_per_node", "2",
                     "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
                     "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
                     "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
@@ -231,6 +231,12 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
     assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
     assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
+    # two DDP processes per worker (gloo): a step counts both ranks' examples; per GPU = total / 2
+    assert out["world_size"] == 2 and by["hf"]["world_size"] == 2
+    for r in by.values():
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2, abs=0.1)
+        # tokens and samples both count 2 x 4 examples per step: their ratio is a sample's length
+        assert 0.7 < r["tokens_per_s"] / r["samples_per_s"] / r["mean_tokens_per_sample"] < 1.3
 
 
 def test_bench_keeps_results_when_a_worker_fails(tmp_path, monkeypatch, capsys):

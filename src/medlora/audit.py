@@ -82,8 +82,11 @@ def audit_gradients(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             raise AuditError(f"gradient-flow audit failed: the loss of the first batch is {loss.item()}")
         loss.backward()
     dead, nonfinite = [], []
-    for name in sorted(lora):
+    from medlora.fsdp import full
+
+    for name in sorted(lora):  # FSDP2: gathered whole (a collective, same order on every rank)
         grad = params[name].grad
+        grad = None if grad is None else full(grad)
         if grad is None or not bool(grad.abs().sum() > 0):
             dead.append(name)
         elif not bool(torch.isfinite(grad).all()):

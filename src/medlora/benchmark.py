@@ -53,6 +53,9 @@ class BenchArguments:
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
+    nproc_per_node: int = field(default=1, metadata={
+        "help": "GPUs (processes) per worker: >1 runs each worker under torchrun with DDP; tokens/s is counted "
+                "over all ranks and also reported per GPU"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "questions per step"})
     max_length: int = field(default=1024, metadata={"help": "longer examples are left out (and counted)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing"})
@@ -246,9 +249,13 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     from medlora.backends import load_for_training
     from medlora.train import tokenize_rows
 
+    from medlora import runinfo
+
     path = args.model_spec if args.in_memory else model_path_for(args)
     model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
     cuda = torch.cuda.is_available()
+    world = runinfo.world_size()
+    device = torch.device("cuda", runinfo.local_rank()) if cuda else None
     started = time.time()
     patched = {}
     if backend == "hf+triton":
@@ -258,7 +265,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     if args.in_memory:
         from medlora.backends import wrap_for_training
 
-        model, tokenizer = build_in_memory(args.model_spec, args.seed, torch.device("cuda", 0) if cuda else None)
+        model, tokenizer = build_in_memory(args.model_spec, args.seed, device)
         if args.experts_implementation:
             model.set_experts_implementation(args.experts_implementation)
         model, report = wrap_for_training("hf" if backend == "hf+triton" else backend, model, lora, checkpointing,
@@ -267,12 +274,12 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     else:
         model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
                                                      args.max_length, checkpointing, args.seed,
-                                                     torch.device("cuda", 0) if cuda else None, fast_levers=levers)
+                                                     device, fast_levers=levers)
     report = {**report, **patched}
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
-    need = steps * batch
+    need = steps * batch * world  # a global step takes `batch` examples on every rank
     dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain"), args.max_length, "bench")
     dataset = dataset.select(range(min(need, len(dataset))))
     if len(dataset) < need:
@@ -316,23 +323,28 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[StepTimer()])
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.train()
-    # sequential sampler, no accumulation: step i trains examples [i*B, (i+1)*B)
+    # sequential sampler, no accumulation: global step i trains examples [i*B*W, (i+1)*B*W), rank r the r-th
+    # batch of B among them (accelerate's batch-sampler sharding); padding is per rank's batch
     b = batch
     lengths = [len(x) for x in dataset["input_ids"]]
     trained = [sum(m) for m in dataset["completion_mask"]]
-    per_step = [(sum(lengths[i * b:(i + 1) * b]), sum(trained[i * b:(i + 1) * b]), b * max(lengths[i * b:(i + 1) * b]))
-                for i in range(steps)]
+    per_step = []
+    for i in range(steps):
+        chunk = range(i * b * world, (i + 1) * b * world)
+        padded = sum(b * max(lengths[j * b:(j + 1) * b]) for j in range(i * world, (i + 1) * world))
+        per_step.append((sum(lengths[k] for k in chunk), sum(trained[k] for k in chunk), padded))
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
-        "backend": spec, "batch_size": batch, "load_s": round(load_s, 1), "step_times": step_times,
+        "backend": spec, "batch_size": batch, "world_size": world, "load_s": round(load_s, 1),
+        "step_times": step_times,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
         "timed_from_step": args.bench_warmup_steps,
         "timed_steps": args.bench_steps - (1 if args.profile else 0),
         "profile_last_step": profile,
         "mean_tokens_per_sample": statistics.fmean(lengths),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": active_params(base_model),
         "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
@@ -372,18 +384,22 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
     first = runs[0]
     tokens_per_s = tokens / total
     peak = peak_tflops(gpu)
-    samples_per_s = batch * len(times) / total
+    samples_per_s = batch * first.get("world_size", 1) * len(times) / total
+    world = first.get("world_size", 1)
     return {
         "backend": first["backend"],
         "batch_size": batch,
+        "world_size": world,
         "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
         "trained_tokens_per_s": round(trained / total, 1),
         "padded_tokens_per_s": round(padded / total, 1),
         "samples_per_s": round(samples_per_s, 3),
         "step_s": {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
                    "max": round(max(times), 4), "n": len(times)},
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
-        "mfu": round(tokens_per_s * first["flops_per_token"] / (peak * 1e12), 4) if peak else None,
+        "mfu": round(tokens_per_s / first.get("world_size", 1) * first["flops_per_token"] / (peak * 1e12), 4)
+        if peak else None,  # per GPU
         "flops_per_token": first["flops_per_token"],
         "mean_tokens_per_sample": round(first["mean_tokens_per_sample"], 1),
         "epoch_hours_medmcqa_train": round(MEDMCQA_TRAIN_QUESTIONS / samples_per_s / 3600, 2),
@@ -394,6 +410,14 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "backend_report": first["backend_report"],
         **({"profile_last_step": first["profile_last_step"]} if first.get("profile_last_step") else {}),
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
@@ -411,7 +435,11 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
         if backend == "hf+triton" and not torch.cuda.is_available():
             raise MedloraError("--backends hf+triton needs an NVIDIA GPU (its Mamba2 ops are Triton kernels)")
-    for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17)):
+    if args.nproc_per_node > 1 and torch.cuda.is_available() and torch.cuda.device_count() < args.nproc_per_node:
+        raise MedloraError(f"--nproc_per_node {args.nproc_per_node}: this machine has {torch.cuda.device_count()} "
+                           "GPU(s)")
+    for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17),
+                      ("nproc_per_node", 1)):
         if getattr(args, name) < low:
             raise MedloraError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if not args.backends:
@@ -432,6 +460,9 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
                 result_path = fh.name
             cmd = [sys.executable, "-m", "medlora.benchmark", "--worker", backend, payload, result_path]
+            if args.nproc_per_node > 1:  # DDP worker: torchrun starts one process per GPU
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
+                       f"--master_port={_free_port()}", *cmd[1:]]
             print(f"bench round {round_index + 1}/{args.rounds}: {backend}", flush=True)
             proc = subprocess.run(cmd, text=True)
             if proc.returncode != 0:  # recorded, and the other backends still run: a long bench keeps its results
@@ -445,10 +476,10 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
     for r in results:
         r["model"] = args.model_spec
     out = {
-        "date": date.today().isoformat(), "gpu": gpu, "world_size": runinfo.world_size(),
+        "date": date.today().isoformat(), "gpu": gpu, "world_size": args.nproc_per_node,
         "versions": runinfo.versions(), "hardware": hw, "config": {"bench": asdict(args), "lora": asdict(lora)},
-        "mfu_formula": "tokens/s * (6*N_active + 12*L_attn*d_attn*T) / peak_bf16; N_active counts routed experts "
-                       "as top_k/n_experts, excludes input embeddings",
+        "mfu_formula": "tokens/s per GPU * (6*N_active + 12*L_attn*d_attn*T) / peak_bf16; N_active counts routed "
+                       "experts as top_k/n_experts, excludes input embeddings",
         "results": results,
     }
     for base in results:  # every backend against the plain stacks it should beat
@@ -485,19 +516,19 @@ def markdown_table(out: dict[str, Any]) -> str:
         f"experts {cfg['experts_implementation']} · torch {v['torch']} · transformers {v['transformers']} · "
         f"trl {v['trl']} · peft {v['peft']} · unsloth {v['unsloth']}",
         "",
-        "| backend | batch | checkpointing | tokens/s | vs hf | vs unsloth | trained tok/s | samples/s | step s (median) "
-        "| peak GiB | MFU | trainable | epoch h (182,822 q) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | batch | checkpointing | tokens/s | per GPU | vs hf | vs unsloth | trained tok/s | samples/s "
+        "| step s (median) | peak GiB | MFU | trainable | epoch h (182,822 q) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         if r.get("oom") or r.get("failed"):
             what = "out of memory" if r.get("oom") else "failed"
-            lines.append(f"| {r['backend']} | {r['batch_size']} | | {what} | | | | | | | | | |")
+            lines.append(f"| {r['backend']} | {r['batch_size']} | | {what} | | | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
         ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("speedup_vs_hf", "speedup_vs_unsloth"))
         lines.append(f"| {r['backend']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratios} | {r['trained_tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {ratios} | {r['trained_tokens_per_s']:,.0f} | "
                      f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
                      f"{r['trainable_params']:,} | {r['epoch_hours_medmcqa_train']} |")
     return "\n".join(lines)
@@ -532,7 +563,10 @@ def _worker_main(argv: list[str]) -> None:
         result = run_worker(BenchArguments(**data["bench"]), LoraArguments(**data["lora"]), backend)
     except torch.OutOfMemoryError as err:  # a measured outcome of this setting, not a crash of the bench
         result = {"backend": backend, "oom": True, "error": str(err).splitlines()[0]}
-    Path(result_path).write_text(json.dumps(result))
+    from medlora import runinfo
+
+    if runinfo.is_main_process():  # under torchrun, rank 0 reports (its clock, its GPU's peak memory)
+        Path(result_path).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

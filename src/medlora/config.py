@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class RunArguments:
     fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(FAST_CHECKPOINT_BLOCKS), metadata={
         "help": "backend fast with --gradient_checkpointing: which block kinds recompute their activations "
                 "(selective checkpointing), any of " + ", ".join(FAST_CHECKPOINT_BLOCKS)})
+    fsdp2: bool = field(default=False, metadata={
+        "help": "shard the model over the ranks with FSDP2 (fully_shard per block) when one GPU cannot hold a "
+                "replica; backend hf, under torchrun; checkpoints hold the adapter only (no resume)"})
     eval_accuracy_samples: int = field(
         default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
     )
@@ -346,6 +350,14 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(run.eval_batch_size > 0, "--eval_batch_size must be positive")
         unknown = set(run.fast_levers) - set(FAST_LEVERS)
         need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {FAST_LEVERS}")
+        need(not run.fsdp2 or run.backend == "hf", f"--fsdp2: backend {run.backend!r} is not supported with FSDP2 "
+             "(fast calls each block's mixers directly, bypassing FSDP2's per-block all-gather; Unsloth patches the "
+             "model itself); use --backend hf, or DDP without --fsdp2")
+        need(not run.fsdp2 or os.environ.get("WORLD_SIZE") is not None, "--fsdp2 needs a distributed launch: "
+             "torchrun --nproc_per_node=N scripts/train_multigpu.py ...")
+        need(not (run.fsdp2 and train is not None and train.resume_from_checkpoint), "--fsdp2 with "
+             "--resume_from_checkpoint: FSDP2 checkpoints hold the adapter only (no optimizer state), so a run "
+             "cannot resume from them; start a new run")
         unknown = set(run.fast_checkpoint_blocks) - set(FAST_CHECKPOINT_BLOCKS)
         need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {FAST_CHECKPOINT_BLOCKS}")
     if train is not None:

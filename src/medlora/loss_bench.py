@@ -43,7 +43,8 @@ class LossBenchArguments:
     warmup: int = field(default=3, metadata={"help": "untimed calls first (Triton compilation)"})
     dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 on a GPU; CPU runs float32"})
     seed: int = field(default=0, metadata={"help": "seed"})
-    results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD go"})
+    results_dir: str = field(default="benchmarks/results/loss", metadata={
+        "help": "where JSON/MD go (apart from `medlora bench` files, which have another schema)"})
     tag: str = field(default="loss", metadata={"help": "suffix for the result file name"})
 
 

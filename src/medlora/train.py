@@ -168,10 +168,12 @@ def adapter_checksum(model) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    from medlora.fsdp import full
+
     for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
+        if param.requires_grad:  # FSDP2 shards are gathered (a collective, same order on every rank)
             digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+            digest.update(full(param.detach()).float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -241,7 +243,13 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         checkpointing = tuple(run_args.fast_checkpoint_blocks)  # selective: only these block kinds recompute
     model, tokenizer, backend_report = load_for_training(
         run_args.backend, model_args, lora_args, train_args.max_length or 2048, checkpointing,
-        train_args.seed, device, train_args.trust_remote_code, run_args.fast_levers)
+        train_args.seed, None if run_args.fsdp2 else device, train_args.trust_remote_code, run_args.fast_levers)
+    if run_args.fsdp2:  # loaded to CPU; each rank moves only its shards to its device
+        from medlora.fsdp import shard_model
+
+        backend_report = {**backend_report, "sharding": shard_model(model, device)}
+        train_args.save_only_model = True  # optimizer state is sharded: checkpoints keep the adapter only
+        console.print(f"[bold]FSDP2[/]: {backend_report['sharding']}")
     if run_args.backend in ("unsloth", "fast"):
         train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
     train_ds, train_long = tokenize_rows(data.train_rows, tokenizer, options, train_args.max_length, "train")
@@ -269,6 +277,15 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
     commit, signal_stop, non_finite = make_callbacks(trainer_ref)
 
     class MedloraSFTTrainer(SFTTrainer):
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not run_args.fsdp2:
+                return super().save_model(output_dir, _internal_call)
+            from medlora.fsdp import trainable_state_dict
+
+            state_dict = trainable_state_dict(self.model)  # collective: every rank gathers, rank 0 writes
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
             trainer_ref["last_loss"] = loss.detach()  # for the non-finite message; no device sync here
@@ -357,9 +374,14 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         raise MedloraError(f"DDP ranks ended with different adapters: {metrics['adapter_sha256_by_rank']}")
     if metrics["num_input_tokens_seen"] and metrics["train_runtime_s"]:
         metrics["tokens_per_second"] = metrics["num_input_tokens_seen"] / metrics["train_runtime_s"]
+    adapter_state = None
+    if run_args.fsdp2:
+        from medlora.fsdp import trainable_state_dict
+
+        adapter_state = trainable_state_dict(trainer.model)  # collective, before rank 0 writes alone
     if trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False, state_dict=adapter_state)
         tokenizer.save_pretrained(adapter_dir)
         size = (adapter_dir / "adapter_model.safetensors").stat().st_size
         metrics["adapter_bytes"] = size
