@@ -412,6 +412,15 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
     }
 
 
+def new_result_path(results_dir: str | Path, day: str, gpu: str | None, name: str) -> Path:
+    """RESULTS_DIR/<date>-<gpu>-<name>.json, with the time appended if that file exists (never overwritten)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{day}-{(gpu or 'cpu').replace('NVIDIA ', '').replace(' ', '-').lower()}-{name}"
+    path = results_dir / f"{stem}.json"
+    return results_dir / f"{stem}{time.strftime('-%H%M%S')}.json" if path.exists() else path
+
+
 def _free_port() -> int:
     import socket
 
@@ -487,17 +496,11 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             for r in results:
                 if r["tokens_per_s"]:
                     r["speedup_vs_" + base["backend"]] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-    gpu_slug = (gpu or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
-    stem = f"{out['date']}-{gpu_slug}-{args.model_spec}" + (f"-{args.tag}" if args.tag else "")
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"{stem}.json"
-    if json_path.exists():
-        stem += time.strftime("-%H%M%S")
-        json_path = results_dir / f"{stem}.json"
+    json_path = new_result_path(args.results_dir, out["date"], gpu,
+                                args.model_spec + (f"-{args.tag}" if args.tag else ""))
     json_path.write_text(json.dumps(out, indent=2) + "\n")
-    (results_dir / f"{stem}.md").write_text(markdown_table(out) + "\n")
-    plot(out, results_dir / f"{stem}.png")
+    json_path.with_suffix(".md").write_text(markdown_table(out) + "\n")
+    plot(out, json_path.with_suffix(".png"))
     print(markdown_table(out))
     print(f"wrote {json_path} (+ .md, .png)")
     failed = [r["backend"] for r in results if r.get("failed")]

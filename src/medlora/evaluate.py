@@ -21,12 +21,12 @@ from medlora.formatting import LETTERS, FormatOptions, build_prompt, encode_choi
 @torch.no_grad()
 def score_rows(
     model, tokenizer, rows: list[dict[str, Any]], options: FormatOptions, batch_size: int = 8,
-    forwards: int | None = None,
+    equal_forwards: bool = False,
 ) -> list[dict[str, Any]]:
     """Per row: gold, pred and the log-probability of each letter's continuation.
 
-    `forwards`: run at least this many forward passes (extra ones on one token, results unused) — under
-    FSDP2 every rank must run the same number, since each forward all-gathers the sharded weights.
+    `equal_forwards`: every rank runs as many forward passes as the busiest one (the extra ones on one
+    token, results unused) — under FSDP2 each forward all-gathers the sharded weights, a collective.
     """
     was_training = model.training
     model.eval()
@@ -64,8 +64,14 @@ def score_rows(
                 targets = torch.tensor(cont, device=logprobs.device)
                 picked = logprobs[b, first - 1 : len(seq) - 1].gather(-1, targets[:, None])
                 scores[row_idx][letters[0]] = picked.sum().item()
-    for _ in range(max(0, (forwards or 0) - -(-len(order) // batch_size))):
-        model(input_ids=torch.full((1, 1), pad, dtype=torch.long, device=device))
+    if equal_forwards:
+        import torch.distributed as dist
+
+        mine = -(-len(order) // batch_size)
+        busiest = torch.tensor([mine], device=device)
+        dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
+        for _ in range(int(busiest.item()) - mine):
+            model(input_ids=torch.full((1, 1), pad, dtype=torch.long, device=device))
     if was_training:
         model.train()
     results = []
@@ -129,15 +135,8 @@ def distributed_score(model, tokenizer, rows, options, batch_size=8) -> list[dic
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return score_rows(model, tokenizer, rows, options, batch_size)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine_rows = shard(rows, rank, world)
-    forwards = None
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # FSDP2: equal forward counts
-        needed = sum(1 if all(len(c) == 1 for c in conts) else 4
-                     for _, conts in (encode_choices(tokenizer, row, options) for row in mine_rows))
-        count = torch.tensor([-(-needed // batch_size)], device=next(model.parameters()).device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        forwards = int(count.item())
-    mine = score_rows(model, tokenizer, mine_rows, options, batch_size, forwards)
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())  # FSDP2
+    mine = score_rows(model, tokenizer, shard(rows, rank, world), options, batch_size, equal_forwards=sharded)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
     merged: list[Any] = [None] * len(rows)

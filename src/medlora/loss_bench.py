@@ -131,6 +131,7 @@ def run_loss_bench(args: LossBenchArguments) -> Path:
     import torch.nn.functional as F
 
     from medlora import runinfo
+    from medlora.benchmark import new_result_path
 
     unknown = set(args.impls) - set(IMPLS)
     if unknown or not args.impls:
@@ -168,27 +169,12 @@ def run_loss_bench(args: LossBenchArguments) -> Path:
                 row = {"impl": name, "oom": True, "error": str(err).splitlines()[0]}
             rows.append({"positions": positions, **row})
     hw = runinfo.hardware()
-    versions = runinfo.versions()
-    for package in ("cut_cross_entropy", "liger_kernel"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package.replace("_", "-"))
-        except Exception:  # noqa: BLE001 - not installed: recorded as such
-            versions[package] = None
     out = {"date": date.today().isoformat(), "gpu": hw.get("gpu"), "device": str(device), "dtype": str(dtype),
-           "versions": versions, "hardware": hw, "config": asdict(args), "results": rows}
-    slug = (hw.get("gpu") or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
-    stem = f"{out['date']}-{slug}-{args.tag}"
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{stem}.json"
-    if path.exists():  # never overwrite an earlier result
-        stem += time.strftime("-%H%M%S")
-        path = results_dir / f"{stem}.json"
+           "versions": runinfo.versions(), "hardware": hw, "config": asdict(args), "results": rows}
+    path = new_result_path(args.results_dir, out["date"], hw.get("gpu"), args.tag)
     path.write_text(json.dumps(out, indent=2) + "\n")
     table = markdown_table(out)
-    (results_dir / f"{stem}.md").write_text(table + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"wrote {path} (+ .md)")
     return path
@@ -198,8 +184,8 @@ def markdown_table(out: dict[str, Any]) -> str:
     cfg = out["config"]
     lines = [f"{out['date']} · {out['gpu'] or 'CPU'} · {out['dtype']} · {cfg['step_tokens']} tokens/step · hidden "
              f"{cfg['hidden_size']} · vocab {cfg['vocab_size']:,} · torch {out['versions']['torch']} · trl "
-             f"{out['versions']['trl']} · cut_cross_entropy {out['versions']['cut_cross_entropy']} · liger_kernel "
-             f"{out['versions']['liger_kernel']}", "",
+             f"{out['versions']['trl']} · cut_cross_entropy {out['versions'].get('cut-cross-entropy')} · liger_kernel "
+             f"{out['versions'].get('liger-kernel')}", "",
              "| labelled positions | implementation | fwd+bwd ms (median) | extra peak GiB | loss diff vs fp32 "
              "| grad rel. diff vs fp32 |", "|---|---|---|---|---|---|"]
     for r in out["results"]:

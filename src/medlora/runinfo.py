@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("medlora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-            "unsloth", "unsloth_zoo", "triton", "tokenizers", "fla-core", "mamba_ssm")
+            "unsloth", "unsloth_zoo", "triton", "tokenizers", "fla-core", "mamba_ssm", "cut-cross-entropy",
+            "liger-kernel")
 
 
 def versions() -> dict[str, Any]:
