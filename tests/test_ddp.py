@@ -15,8 +15,10 @@ import pytest
 from conftest import ROOT
 
 
-def torchrun(out, tiny_cache, port, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+def torchrun(out, tiny_cache, *extra):
+    from medlora.benchmark import free_port  # a fixed port can still be held by an earlier run (TIME_WAIT)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "scripts/train_multigpu.py", "--config", "configs/tiny.yaml", "--output_dir", str(out),
            "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--report_to", "none",
            "--tiny_cache_dir", str(tiny_cache), "--eval_accuracy_samples", "6", *extra]
@@ -29,7 +31,7 @@ def torchrun(out, tiny_cache, port, *extra):
 @pytest.fixture(scope="module")
 def hf_ddp(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp-hf")
-    return root / "ddp", torchrun(root / "ddp", root / "tiny", 29517, "--backend", "hf")
+    return root / "ddp", torchrun(root / "ddp", root / "tiny", "--backend", "hf")
 
 
 def check_ddp(out, metrics, backend):
@@ -45,7 +47,7 @@ def test_torchrun_two_processes_train_identical_adapters_hf(hf_ddp):
 
 
 def test_torchrun_two_processes_train_identical_adapters_fast(tmp_path):
-    check_ddp(tmp_path / "ddp", torchrun(tmp_path / "ddp", tmp_path / "tiny", 29518, "--backend", "fast"), "fast")
+    check_ddp(tmp_path / "ddp", torchrun(tmp_path / "ddp", tmp_path / "tiny", "--backend", "fast"), "fast")
 
 
 def test_fsdp2_shards_the_model_and_saves_the_same_adapter_as_ddp(hf_ddp, tmp_path):
@@ -56,7 +58,7 @@ def test_fsdp2_shards_the_model_and_saves_the_same_adapter_as_ddp(hf_ddp, tmp_pa
 
     ddp_out, ddp_metrics = hf_ddp
     out = tmp_path / "fsdp2"
-    metrics = torchrun(out, tmp_path / "tiny", 29519, "--backend", "hf", "--fsdp2", "true")
+    metrics = torchrun(out, tmp_path / "tiny", "--backend", "hf", "--fsdp2", "true")
     sharding = metrics["backend_report"]["sharding"]
     assert sharding["fsdp2"] and sharding["units"] > 2 and sharding["sharded_tensors"] == sharding["tensors"]
     assert 0.45 < sharding["local_fraction_rank0"] < 0.55  # rank 0 holds about half of every weight

@@ -421,7 +421,7 @@ def new_result_path(results_dir: str | Path, day: str, gpu: str | None, name: st
     return results_dir / f"{stem}{time.strftime('-%H%M%S')}.json" if path.exists() else path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -471,7 +471,7 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             cmd = [sys.executable, "-m", "medlora.benchmark", "--worker", backend, payload, result_path]
             if args.nproc_per_node > 1:  # DDP worker: torchrun starts one process per GPU
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
-                       f"--master_port={_free_port()}", *cmd[1:]]
+                       f"--master_port={free_port()}", *cmd[1:]]
             print(f"bench round {round_index + 1}/{args.rounds}: {backend}", flush=True)
             proc = subprocess.run(cmd, text=True)
             if proc.returncode != 0:  # recorded, and the other backends still run: a long bench keeps its results
