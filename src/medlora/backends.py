@@ -106,7 +106,8 @@ def unsloth_report(model, log: str) -> dict[str, Any]:
 
 def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraArguments, max_length: int,
                       gradient_checkpointing: bool, seed: int, device=None,
-                      trust_remote_code: bool = False, fast_levers=None) -> tuple[Any, Any, dict[str, Any]]:
+                      trust_remote_code: bool = False, fast_levers=None,
+                      fast_arch: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
     """(LoRA-wrapped model, tokenizer, backend report): the one loading path of `train` and `bench`.
 
     `fast` loads exactly what `hf` loads (same weights, same PEFT adapters) and then switches the
@@ -118,12 +119,12 @@ def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraA
     from medlora.model import load_model
 
     model, tokenizer = load_model(model_args, device=device, trust_remote_code=trust_remote_code)
-    model, report = wrap_for_training(backend, model, lora_args, gradient_checkpointing, fast_levers)
+    model, report = wrap_for_training(backend, model, lora_args, gradient_checkpointing, fast_levers, fast_arch)
     return model, tokenizer, report
 
 
 def wrap_for_training(backend: str, model, lora_args: LoraArguments, gradient_checkpointing: bool,
-                      fast_levers=None) -> tuple[Any, dict[str, Any]]:
+                      fast_levers=None, fast_arch: str = "auto") -> tuple[Any, dict[str, Any]]:
     """(PEFT model, backend report) for a loaded transformers model: `hf` and `fast` (Unsloth wraps its own)."""
     from medlora.model import apply_lora
 
@@ -133,4 +134,4 @@ def wrap_for_training(backend: str, model, lora_args: LoraArguments, gradient_ch
     from medlora import fast
 
     levers = tuple(fast.DEFAULT_LEVERS if fast_levers is None else fast_levers)
-    return model, fast.enable(model, levers, gradient_checkpointing)
+    return model, fast.enable(model, levers, gradient_checkpointing, fast_arch)

@@ -166,22 +166,30 @@ def peak_tflops(gpu_name: str | None) -> float | None:
     return None
 
 
-def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None]:
-    """'fast[triton_mamba+varlen_attention]' -> ('fast', levers); 'hf', 'unsloth', 'hf+triton' -> (name, None)."""
+def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None, str]:
+    """'fast[triton_mamba+varlen_attention]@sm80' -> ('fast', levers, 'sm80'); 'hf', 'unsloth', 'hf+triton' ->
+    (name, None, 'auto'). `@sm80` runs fast with the kernels it picks on an A100 (medlora.kernels)."""
     from medlora.fast import LEVERS
 
+    spec, _, arch = spec.partition("@")
+    arch = arch or "auto"
+    if arch not in ("auto", "sm80"):
+        raise MedloraError(f"--backends {spec}@{arch}: the architecture suffix must be @sm80")
     if spec in ("hf", "unsloth", "hf+triton"):
-        return spec, None
+        if arch != "auto":
+            raise MedloraError(f"--backends {spec}@{arch}: an architecture suffix is for fast backends only")
+        return spec, None, arch
     if spec == "fast":
-        return "fast", tuple(LEVERS)
+        return "fast", tuple(LEVERS), arch
     if spec.startswith("fast[") and spec.endswith("]"):
         inner = spec[5:-1]
         levers = () if inner in ("", "none") else tuple(inner.split("+"))
         unknown = set(levers) - set(LEVERS)
         if not unknown:
-            return "fast", levers
+            return "fast", levers, arch
         raise MedloraError(f"--backends {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
-    raise MedloraError(f"--backends: unknown backend {spec!r} (hf, unsloth, fast, fast[lever+...], hf+triton)")
+    raise MedloraError(f"--backends: unknown backend {spec!r} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
+                       "hf+triton)")
 
 
 def per_backend(entries: list[str], spec: str, default, cast, option: str):
@@ -232,7 +240,7 @@ def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool | tuple[str
 
 
 def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str, Any]:
-    backend, levers = parse_backend(spec)
+    backend, levers, arch = parse_backend(spec)
     batch, checkpointing = settings_for(args, spec)
     if backend == "unsloth":
         from medlora.backends import require_unsloth
@@ -269,12 +277,12 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         if args.experts_implementation:
             model.set_experts_implementation(args.experts_implementation)
         model, report = wrap_for_training("hf" if backend == "hf+triton" else backend, model, lora, checkpointing,
-                                          levers)
+                                          levers, arch)
         report = {"model": f"built in memory (random, seed {args.seed})", **report}
     else:
         model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
                                                      args.max_length, checkpointing, args.seed,
-                                                     device, fast_levers=levers)
+                                                     device, fast_levers=levers, fast_arch=arch)
     report = {**report, **patched}
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
@@ -435,7 +443,7 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
     from medlora import runinfo
 
     for spec in args.backends:
-        backend, _ = parse_backend(spec)
+        backend, _, _ = parse_backend(spec)
         batch, _ = settings_for(args, spec)
         if batch < 1:
             raise MedloraError(f"--backend_batch_size / --per_device_train_batch_size for {spec}: must be positive, "

@@ -7,6 +7,7 @@ Every subcommand takes `--config FILE.yaml` plus flags named after the dataclass
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +26,9 @@ commands:
   bench       time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results
   bench-loss  time the LM head + cross-entropy alone per implementation (TRL, full logits, CCE, Liger)
   report      (re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json
+  export      merge an adapter into the base and write a servable checkpoint in the hub's layout
+  env         this machine's GPU, libraries and the kernel each backend will use (and why)
+  setup-kernels  fetch (or take --from a file) the pinned Triton kernels of backend fast into the cache
   build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
 
 `medlora <command> --help` lists the flags of a command."""
@@ -162,6 +166,58 @@ def cmd_report(argv: Sequence[str]) -> None:
     print(write_model_card(args.run_dir, args.output))
 
 
+@dataclass
+class EnvArguments:
+    json: bool = field(default=False, metadata={"help": "print the report as JSON"})
+    fast_gpu_arch: str = field(default="auto", metadata={"help": "as in train: auto, or sm80 (the A100 path)"})
+
+
+@dataclass
+class SetupKernelsArguments:
+    source: str | None = field(default=None, metadata={
+        "help": "a local copy of mamba_ssm-2.3.2.post1.tar.gz (checked against the pinned SHA-256) instead of PyPI",
+        "aliases": ["--from"]})
+
+
+def cmd_env(argv: Sequence[str]) -> None:
+    _sections_help(argv, (EnvArguments,), "medlora env")
+    (args,) = parse_config(argv, (EnvArguments,), "medlora env")
+    from medlora.kernels import environment_report
+
+    report = environment_report(args.fast_gpu_arch)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = report["machine"]
+    gpu = f"{m['gpu']} ({m['sm']}, {m['memory_gib']} GiB), CUDA {m['cuda_version']}" if m["cuda"] else "no CUDA GPU"
+    console.print(f"[bold]machine[/] {gpu}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
+                  f"trl {m['trl']}")
+    for title, rows in (("kernel sources", report["kernel_sources"].items()),
+                        *((f"backend {name}", info.items()) for name, info in report["backends"].items())):
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column("part", style="bold")
+        table.add_column("kernel / reason")
+        for key, value in rows:
+            if value is not None:
+                table.add_row(str(key), str(value))
+        console.print(table)
+
+
+def cmd_setup_kernels(argv: Sequence[str]) -> None:
+    _sections_help(argv, (SetupKernelsArguments,), "medlora setup-kernels")
+    (args,) = parse_config(argv, (SetupKernelsArguments,), "medlora setup-kernels")
+    from medlora.kernels import MAMBA_SSM_FILE, ensure_mamba_ssm
+
+    folder = ensure_mamba_ssm(source=args.source)
+    print(f"{MAMBA_SSM_FILE}: Triton kernels cached in {folder} (SHA-256 checked)")
+
+
 def cmd_build_tiny(argv: Sequence[str]) -> None:
     out = argv[0] if argv else ModelArguments().tiny_cache_dir
     from medlora.model import build_tiny_model
@@ -170,7 +226,8 @@ def cmd_build_tiny(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "build-tiny": cmd_build_tiny}
+            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "env": cmd_env,
+            "setup-kernels": cmd_setup_kernels, "build-tiny": cmd_build_tiny}
 
 
 @main_guard

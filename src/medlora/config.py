@@ -96,6 +96,9 @@ class RunArguments:
     fast_levers: list[str] = field(default_factory=lambda: list(FAST_DEFAULT_LEVERS),
                                    metadata={"help": "backend fast: kernels to use (the rest run PyTorch references); "
                                                      f"any of {', '.join(FAST_LEVERS)}"})
+    fast_gpu_arch: str = field(default="auto", metadata={
+        "help": "backend fast: pick kernels as for this GPU architecture: auto (this GPU's) or sm80 (the A100 "
+                "path: per-expert MoE GEMM loop instead of torch's sm90+ grouped GEMM), to measure it anywhere"})
     fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(FAST_CHECKPOINT_BLOCKS), metadata={
         "help": "backend fast with --gradient_checkpointing: which block kinds recompute their activations "
                 "(selective checkpointing), any of " + ", ".join(FAST_CHECKPOINT_BLOCKS)})
@@ -358,6 +361,7 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         need(not (run.fsdp2 and train is not None and train.resume_from_checkpoint), "--fsdp2 with "
              "--resume_from_checkpoint: FSDP2 checkpoints hold the adapter only (no optimizer state), so a run "
              "cannot resume from them; start a new run")
+        need(run.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {run.fast_gpu_arch!r}")
         unknown = set(run.fast_checkpoint_blocks) - set(FAST_CHECKPOINT_BLOCKS)
         need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {FAST_CHECKPOINT_BLOCKS}")
     if train is not None:

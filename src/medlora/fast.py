@@ -28,11 +28,9 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.util
-import os
 import sys
 import types
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,26 +81,19 @@ def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, posit
 
 @functools.cache
 def _load_mamba_ssd():
-    """mamba_ssm's Triton SSD without importing `mamba_ssm/__init__` (which needs the CUDA extension).
+    """mamba_ssm's Triton SSD from medlora's kernel cache (`medlora.kernels`), never as a `mamba_ssm` package.
 
-    Found as an installed `mamba_ssm` (e.g. `MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm`) or a source
-    tree named by MEDLORA_MAMBA_SSM_SRC (the folder that holds `mamba_ssm/`).
+    Its `__init__` files import the CUDA extension, so empty stand-in packages point Python at the cached
+    folders for the import, and every `mamba_ssm` module is forgotten right after: transformers in this process
+    must never conclude that mamba_ssm is installed and switch `hf` to its CUDA-only fused path.
     """
-    src = os.environ.get("MEDLORA_MAMBA_SSM_SRC")
-    if src:
-        pkg = Path(src) / "mamba_ssm"
-    else:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("mamba_ssm not found (install it with MAMBA_SKIP_CUDA_BUILD=TRUE, or set "
-                              "MEDLORA_MAMBA_SSM_SRC to an unpacked mamba_ssm source tree)")
-        pkg = Path(list(spec.submodule_search_locations)[0])
-    if not (pkg / "ops" / "triton" / "ssd_combined.py").exists():
-        raise ImportError(f"{pkg}: no ops/triton/ssd_combined.py")
+    from medlora.kernels import ensure_mamba_ssm
+
+    pkg = ensure_mamba_ssm() / "mamba_ssm"  # downloads and hash-checks the pinned sdist on first use
     stubs = {}
     for name, sub in (("mamba_ssm", ""), ("mamba_ssm.ops", "ops"), ("mamba_ssm.ops.triton", "ops/triton"),
                       ("mamba_ssm.utils", "utils")):
-        if name not in sys.modules:  # empty packages: their __init__ files import the CUDA extension
+        if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [str(pkg / sub) if sub else str(pkg)]
             module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
@@ -110,8 +101,6 @@ def _load_mamba_ssd():
     try:
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
     finally:
-        # forget every mamba_ssm module again (the loaded functions keep theirs), so that transformers in
-        # this process never concludes that mamba_ssm is installed and switches `hf` to its CUDA-only path
         for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
             del sys.modules[name]
     return ssd
@@ -130,9 +119,11 @@ class Kernels:
     conv: Any = None  # fla causal_conv1d or None
     varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
     grouped_lora_moe: bool = True
+    grouped_gemm: str = "grouped_mm"  # "grouped_mm" (torch / transformers) or "loop" (per expert; sm80, fp32)
     rms_norm: Any = None  # the pure functions below, compiled with the `compile` lever
     gated_rms_norm: Any = None
     route: Any = None
+    plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
 
     def __post_init__(self):
         self.rms_norm = self.rms_norm or rms_norm
@@ -140,50 +131,56 @@ class Kernels:
         self.route = self.route or route
 
     def describe(self) -> dict[str, str]:
-        return {
-            "mamba_ssd": "mamba_ssm Triton mamba_chunk_scan_combined (seq_idx)" if self.ssd else "PyTorch reference (chunked, exact)",
-            "mamba_conv": "fla-core Triton causal_conv1d (cu_seqlens)" if self.conv else "PyTorch reference",
-            "attention": "torch varlen_attn (flash, cu_seqlens)" if self.varlen_attention else "SDPA + block-diagonal causal mask",
-            "moe_lora": "grouped GEMM + grouped low-rank LoRA on routed tokens" if self.grouped_lora_moe
-            else "PEFT target_parameters (W + BA for every expert)",
-            "norms_and_router": "torch.compile(dynamic=True)" if self.route is not route else "eager",
-        }
+        from medlora.kernels import describe_plan
+
+        return describe_plan(self.plan)
 
 
-def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None) -> tuple[Kernels, list[str]]:
-    """The kernels this machine can run for the requested levers, and a message for each one that fell back."""
+def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: str = "auto",
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[Kernels, list[str]]:
+    """The kernels `medlora.kernels.plan_fast` picks for this device and the levers, and a note per fallback.
+
+    On a GPU a requested Triton kernel that cannot be loaded is an error naming the fix (running the PyTorch
+    reference instead would be tens of times slower without saying so); on a CPU the references run.
+    """
+    from medlora.kernels import KernelSetupError, gpu_facts, plan_fast
+
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise MedloraError(f"fast levers: unknown {sorted(unknown)}; choose from {LEVERS}")
     cuda = device is not None and torch.device(device).type == "cuda"
-    kernels, notes = Kernels(grouped_lora_moe="grouped_lora_moe" in levers), []
-    if "triton_mamba" in levers:
-        if not cuda:
-            notes.append("fast: no CUDA device, so Mamba2 runs its exact PyTorch reference (correct, not fast)")
-        else:
-            try:
-                kernels.ssd = _load_mamba_ssd()
-            except Exception as err:  # noqa: BLE001 - any import failure means: use the reference, and say why
-                notes.append(f"fast: Triton SSD unavailable ({err}); Mamba2 SSD uses the PyTorch reference")
-            try:
-                kernels.conv = _load_fla_conv()
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"fast: fla-core causal_conv1d unavailable ({err}); `uv sync --extra fast` installs it; "
-                             "the convolution uses the PyTorch reference")
-    if "varlen_attention" in levers:
-        if cuda:
-            try:
-                from torch.nn.attention.varlen import varlen_attn
-
-                kernels.varlen_attention = varlen_attn
-            except ImportError as err:
-                notes.append(f"fast: torch varlen_attn unavailable ({err}); attention uses SDPA with a mask")
-    if "compile" in levers:
-        if not cuda:  # inductor's CPU path needs a C++ toolchain and buys nothing for tests
-            notes.append("fast: no CUDA device, so norms and router run eagerly (lever `compile` is for GPUs)")
-        else:
-            kernels.rms_norm, kernels.gated_rms_norm, kernels.route = (
-                torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm, route))
+    facts = gpu_facts(device) if cuda else {"cuda": False}
+    capability = tuple(facts["capability"]) if cuda else None
+    unavailable: dict[str, str] = {}
+    kernels = Kernels(grouped_lora_moe="grouped_lora_moe" in levers)
+    if cuda and "triton_mamba" in levers:
+        try:
+            kernels.ssd = _load_mamba_ssd()
+        except KernelSetupError as err:
+            raise MedloraError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - a broken import: say which and how to get out of it
+            raise MedloraError(f"backend fast: mamba_ssm's Triton SSD does not import ({type(err).__name__}: {err}); "
+                               "pass --fast_levers without triton_mamba to run the PyTorch reference") from None
+        try:
+            kernels.conv = _load_fla_conv()
+        except ImportError as err:
+            raise MedloraError(f"backend fast: fla-core's causal_conv1d is not installed ({err}); run "
+                               "`uv sync --extra fast`") from None
+    if cuda and "varlen_attention" in levers:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError as err:
+            unavailable["attention"] = f"torch varlen_attn unavailable ({err})"
+            varlen_attn = None
+    name = str(dtype).replace("torch.", "")
+    kernels.plan = plan_fast(tuple(levers), cuda, capability, name, arch, unavailable)
+    if kernels.plan["attention"].kernel.startswith("torch varlen_attn"):
+        kernels.varlen_attention = varlen_attn
+    kernels.grouped_gemm = "loop" if kernels.plan["moe_grouped_gemm"].kernel.startswith("per-expert") else "grouped_mm"
+    if kernels.plan["norms_and_router"].kernel.startswith("torch.compile"):
+        kernels.rms_norm, kernels.gated_rms_norm, kernels.route = (
+            torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm, route))
+    notes = [f"fast: {c.part}: {c.kernel} ({c.reason})" for c in kernels.plan.values() if c.fallback]
     return kernels, notes
 
 
@@ -343,29 +340,49 @@ def _experts_and_lora(module):
     return module, lora
 
 
-def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts with LoRA as grouped low-rank products on the routed tokens only."""
+def expert_gemm(kind: str, counts: torch.Tensor):
+    """`gemm(inputs [S, in] sorted by expert, weight [E, in, out]) -> [S, out]` for one MoE layer's routing.
+
+    "grouped_mm": transformers' `_grouped_mm` (torch's CUTLASS grouped GEMM on sm90/sm100, its CPU kernel on
+    CPUs). "loop": one GEMM per expert that has tokens; the token counts are copied to the host once here and
+    shared by the layer's six GEMMs (on sm80 torch's own grouped_mm loops too, copying them on every call).
+    """
+    if kind == "loop":
+        sizes = counts.tolist()  # the layer's one device-to-host sync
+        used = [e for e, n in enumerate(sizes) if n]
+
+        def gemm(inputs, weight):
+            parts = inputs.split(sizes)
+            return torch.cat([parts[e] @ weight[e].to(inputs.dtype) for e in used])
+
+        return gemm
     from transformers.integrations.moe import _grouped_mm
 
-    # CUDA grouped GEMM is bf16-only: other dtypes loop over the experts (transformers' registered fallback op)
-    grouped_mm = torch.ops.transformers.grouped_mm_fallback if x.is_cuda and x.dtype != torch.bfloat16 \
-        else _grouped_mm
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def gemm(inputs, weight):
+        return _grouped_mm(inputs, weight.to(inputs.dtype), offsets)
+
+    return gemm
+
+
+def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, gemm_kind: str = "grouped_mm") -> torch.Tensor:
+    """Routed experts with LoRA as grouped low-rank products on the routed tokens only."""
     experts, lora = _experts_and_lora(experts_module)
     k = top_k_index.shape[1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     token = order // k
     routed = x[token]
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    gemm = expert_gemm(gemm_kind, torch.bincount(expert_ids, minlength=experts.num_experts))
 
     def project(inputs, name):
         weight = getattr(experts, name)  # [E, out, in], frozen
-        out = grouped_mm(inputs, weight.transpose(1, 2), offsets)
+        out = gemm(inputs, weight.transpose(1, 2))
         if name in lora:
             lhs, rhs, scale = lora[name]  # delta_e = scale * lhs_e @ rhs_e: lhs [E, out, r], rhs [E, r, in]
-            low = grouped_mm(inputs, rhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
-            out = out + scale * grouped_mm(low, lhs.transpose(1, 2).contiguous().to(inputs.dtype), offsets)
+            low = gemm(inputs, rhs.transpose(1, 2).contiguous())
+            out = out + scale * gemm(low, lhs.transpose(1, 2).contiguous())
         return out
 
     hidden = experts.act_fn(project(routed, "up_proj"))
@@ -380,7 +397,7 @@ def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
                                                gate.routed_scaling_factor)
     latent = mixer.fc1_latent_proj(x)
     if kernels.grouped_lora_moe:
-        routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights)
+        routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights, kernels.grouped_gemm)
     else:
         routed = mixer.experts(latent, top_k_index, top_k_weights)
     return mixer.fc2_latent_proj(routed) + mixer.shared_experts(x)
@@ -441,7 +458,8 @@ def backbone_of(model):
     raise MedloraError(f"backend fast supports Nemotron-H models only; {type(model).__name__} has no NemotronHModel")
 
 
-def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointing=False) -> dict[str, Any]:
+def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointing=False,
+           arch: str = "auto") -> dict[str, Any]:
     """Switch one model instance to the fast forward; returns what runs where (and why, where it fell back).
 
     gradient_checkpointing: True (every block), False, or the block kinds to checkpoint (CHECKPOINT_BLOCKS).
@@ -453,8 +471,8 @@ def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointi
     if unknown:
         raise MedloraError(f"fast checkpoint blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
     backbone = backbone_of(model)
-    device = next(backbone.parameters()).device
-    kernels, notes = load_kernels(tuple(levers), device)
+    first = next(backbone.parameters())
+    kernels, notes = load_kernels(tuple(levers), first.device, arch, first.dtype)
     if not hasattr(backbone, "_medlora_reference_forward"):
         backbone._medlora_reference_forward = backbone.forward
     backbone._medlora_kernels = kernels
@@ -462,7 +480,7 @@ def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointi
     backbone.forward = types.MethodType(_fast_backbone_forward, backbone)
     for note in notes:
         print(note, flush=True)
-    return {"levers": list(levers), "kernels": kernels.describe(), "fallbacks": notes,
+    return {"levers": list(levers), "gpu_arch": arch, "kernels": kernels.describe(), "fallbacks": notes,
             "gradient_checkpointing": (f"per block (torch.utils.checkpoint): {'+'.join(blocks)}" if blocks else False)}
 
 
@@ -483,7 +501,7 @@ def patch_hf_mamba_ops() -> dict[str, Any]:
 
     try:
         ssd, conv = _load_mamba_ssd(), _load_fla_conv()
-    except ImportError as err:
+    except (ImportError, MedloraError) as err:
         raise MedloraError(f"hf+triton needs mamba_ssm's Triton sources and fla-core ({err}); see README, "
                            "'Backend fast'") from None
 

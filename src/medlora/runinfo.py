@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -25,10 +24,11 @@ def versions() -> dict[str, Any]:
     import torch
 
     out["cuda"] = torch.version.cuda
-    if out["mamba_ssm"] is None and os.environ.get("MEDLORA_MAMBA_SSM_SRC"):  # source tree used by backend fast
-        init = Path(os.environ["MEDLORA_MAMBA_SSM_SRC"]) / "mamba_ssm" / "__init__.py"
-        found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", init.read_text()) if init.exists() else None
-        out["mamba_ssm"] = f"{found.group(1)} (source: MEDLORA_MAMBA_SSM_SRC)" if found else None
+    if out["mamba_ssm"] is None:  # backend fast's Triton ops come from medlora's kernel cache, not a package
+        from medlora.kernels import MAMBA_SSM_VERSION, cached_mamba_ssm
+
+        if cached_mamba_ssm()[0] is not None:
+            out["mamba_ssm"] = f"{MAMBA_SSM_VERSION} (Triton ops, medlora kernel cache)"
     out["git_commit"] = _git_commit()
     out["git_dirty"] = _git_dirty()
     return out

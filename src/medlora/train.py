@@ -243,7 +243,8 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         checkpointing = tuple(run_args.fast_checkpoint_blocks)  # selective: only these block kinds recompute
     model, tokenizer, backend_report = load_for_training(
         run_args.backend, model_args, lora_args, train_args.max_length or 2048, checkpointing,
-        train_args.seed, None if run_args.fsdp2 else device, train_args.trust_remote_code, run_args.fast_levers)
+        train_args.seed, None if run_args.fsdp2 else device, train_args.trust_remote_code, run_args.fast_levers,
+        run_args.fast_gpu_arch)
     if run_args.fsdp2:  # loaded to CPU; each rank moves only its shards to its device
         from medlora.fsdp import shard_model
 
