@@ -29,17 +29,6 @@ def test_sft_loss_on_cpu_equals_the_models_own_loss(tiny):
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny-run"
-    cache = tmp_path_factory.mktemp("tinycache") / "tiny"
-    args = ["train", "--config", "configs/tiny.yaml", "--output_dir", str(out), "--max_steps", "8",
-            "--eval_steps", "4", "--save_steps", "4", "--report_to", "none", "--tiny_cache_dir", str(cache)]
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, cache, args, result
-
-
 def test_train_writes_adapter_and_metrics(cli_run):
     out, _, _, result = cli_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -54,6 +43,9 @@ def test_train_writes_adapter_and_metrics(cli_run):
     assert tensors and all("lora_" in name for name in tensors)  # no embedding matrices saved
     assert any("experts" in name for name in tensors) and any("in_proj" in name for name in tensors)
     assert "audits passed" in result.stdout
+    assert metrics["format"]["stop"] == {"token": "</s>", "id": 2, "reason": "the tokenizer's eos; trained in this model"}
+    assert metrics["audits"]["tokens"]["trained_token_ids"] > 10 and metrics["audits"]["tokens"]["think_tag_examples"] == 0
+    assert json.loads((adapter / "medlora_format.json").read_text()) == metrics["format"]
 
 
 def test_adapter_reloads_to_identical_logits(cli_run, tiny_dir):
@@ -165,3 +157,25 @@ def test_building_the_tiny_model_leaves_the_callers_rng_alone(tmp_path):
     torch.manual_seed(42)
     build_tiny_model(tmp_path / "tiny")  # a fresh build: seeds and draws its own random weights
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_base_checkpoint_trap_trains_the_document_separator(base_trap_dir, tmp_path, capsys):
+    """Nemotron-3 Base declares eos <|im_end|>, a token its model never trained: plain style must end answers with
+    the trained document separator </s>, say so, record it; forcing <|im_end|> is refused before step 1."""
+    from medlora.config import parse_config, training_sections
+    from medlora.train import train
+
+    base = ["--config", "configs/tiny.yaml", "--model_name_or_path", str(base_trap_dir), "--max_steps", "2",
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--eval_accuracy_samples", "4",
+            "--disable_tqdm", "true"]
+    metrics = train(*parse_config(base + ["--output_dir", str(tmp_path / "run")], training_sections()))
+    out = capsys.readouterr().out
+    stop = metrics["format"]["stop"]
+    assert stop["token"] == "</s>" and stop["id"] == 2 and "'<|im_end|>' (id 5: all-zero" in stop["reason"]
+    assert "stop token '</s>' (id 2)" in out
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert "Stop token (ends every trained answer): `</s>` (id 2)" in card
+    code, err = cli_in_process(["train", *base, "--stop_token", "<|im_end|>", "--output_dir", str(tmp_path / "forced")],
+                               capsys)
+    assert code == 2 and err.count("medlora: error:") == 1 and "token audit failed" in err and "--stop_token auto" in err
+    assert not (tmp_path / "forced" / "adapter").exists()

@@ -3,7 +3,11 @@
 - label mask: no example has every label at -100, every prompt token is masked, every example
   trains a stop token (EOS / end of turn) so the model learns to stop;
 - gradient flow: after one forward/backward every LoRA parameter has a finite, non-zero gradient
-  (a LoRA that a fused kernel bypasses, or a frozen-by-mistake adapter, shows up here).
+  (a LoRA that a fused kernel bypasses, or a frozen-by-mistake adapter, shows up here);
+- trained tokens: every token id the labels train (the stop token above all) has a non-zero input-embedding
+  row and LM-head row — LoRA never trains those rows, so a token the base model never learnt (the Nemotron-3
+  Base checkpoint's declared eos <|im_end|> has an all-zero row) can never be emitted; and no think tag sits
+  inside a trained span unless thinking was asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ class AuditError(MedloraError):
 
 
 def audit_labels(
-    batch: dict[str, torch.Tensor], completion_masks: Sequence[Sequence[int]], stop_ids: Sequence[int]
+    batch: dict[str, torch.Tensor], completion_masks: Sequence[Sequence[int]], stop_ids: Sequence[int],
+    think_ids: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Check a collated batch against the per-example completion masks it was built from."""
     labels, input_ids = batch["labels"], batch["input_ids"]
@@ -43,8 +48,13 @@ def audit_labels(
             problems.append(f"example {i}: {int((~trained & mask_t).sum())} completion tokens are masked")
         if not torch.equal(row_labels[trained], input_ids[i, : len(mask)][trained]):
             problems.append(f"example {i}: labels differ from input ids on trained positions")
-        if not any(int(t) in stop_ids for t in row_labels[trained].tolist()):
+        trained_ids = row_labels[trained].tolist()
+        if not any(int(t) in stop_ids for t in trained_ids):
             problems.append(f"example {i}: no stop token {list(stop_ids)} is trained; the model would never stop")
+        tags = sorted({think_ids[t] for t in trained_ids if think_ids and t in think_ids})
+        if tags:
+            problems.append(f"example {i}: think tag(s) {tags} inside the trained span (the chat template injected "
+                            "them, or the data holds them); the model would learn to emit them")
     if problems:
         raise AuditError("label-mask audit failed:\n  " + "\n  ".join(problems[:10]))
     return {"examples": len(completion_masks), "trained_tokens": trained_total,
@@ -104,3 +114,58 @@ def audit_gradients(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             lines += [f"{len(nonfinite)} got a non-finite gradient:"] + [f"  {n}" for n in nonfinite[:10]]
         raise AuditError("gradient-flow audit failed: " + "\n".join(lines))
     return {"lora_tensors": len(lora), "loss": float(loss.item())}
+
+
+def zero_weight_rows(model, ids: Sequence[int]) -> dict[int, str]:
+    """{id: 'input-embedding' | 'LM-head' | 'input-embedding and LM-head' | 'no'} for ids whose row is all zero."""
+    from medlora.fsdp import full
+
+    rows = {}
+    for what, module in (("input-embedding", model.get_input_embeddings()), ("LM-head", model.get_output_embeddings())):
+        if module is None:
+            continue
+        weight = full(module.weight.detach())  # FSDP2: gathered on every rank (a collective)
+        inside = [i for i in ids if 0 <= i < weight.shape[0]]
+        for i in set(ids) - set(inside):
+            rows[i] = "no"  # the tokenizer has ids beyond the model's vocabulary
+        if inside:
+            index = torch.tensor(inside, device=weight.device)
+            nonzero = weight.index_select(0, index).abs().amax(dim=1) > 0
+            for i, ok in zip(inside, nonzero.tolist()):
+                if not ok:
+                    rows[i] = what if i not in rows else f"{rows[i]} and {what}"
+    return rows
+
+
+def audit_trained_tokens(model, tokenizer, examples, stop_ids: Sequence[int],
+                         think_ids: dict[int, str] | None = None, allow_think: bool = False) -> dict[str, Any]:
+    """Every token the labels train has trained weights; no think tag is trained unless asked. `examples`:
+    rows with input_ids and completion_mask (the whole training set)."""
+    counts: dict[int, int] = {}
+    think_examples = 0
+    for example in examples:
+        trained = {t for t, m in zip(example["input_ids"], example["completion_mask"]) if m}
+        for t in trained:
+            counts[t] = counts.get(t, 0) + 1
+        think_examples += bool(think_ids and trained & set(think_ids))
+    zeros = zero_weight_rows(model, sorted(counts))
+    if zeros:
+        def name(t):
+            return f"{t} {tokenizer.convert_ids_to_tokens(t)!r}" + (" (the stop token)" if t in stop_ids else "")
+
+        listed = "; ".join(f"{name(t)}: all-zero {where} row, trained in {counts[t]} examples"
+                           for t, where in sorted(zeros.items(), key=lambda kv: (kv[0] not in stop_ids, kv[0]))[:5])
+        fix = ("--stop_token auto picks a separator the model has trained (for a Nemotron-3 Base checkpoint </s>), "
+               "or name one with --stop_token" if any(t in stop_ids for t in zeros) else
+               "remove these tokens from the training text")
+        raise AuditError(f"token audit failed: {len(zeros)} trained token id(s) were never trained in this model, and "
+                         f"LoRA does not train embedding or LM-head rows, so it could never learn to emit them: "
+                         f"{listed}. Fix: {fix}" + ("; chat style on a base model trains the template's untrained "
+                                                    "end-of-turn token: use --style plain, or an instruct checkpoint"
+                                                    if len(stop_ids) > 1 and any(t in stop_ids for t in zeros) else ""))
+    if think_examples and not allow_think:
+        tags = ", ".join(sorted(think_ids.values()))
+        raise AuditError(f"label audit failed: {think_examples} training examples train a think tag ({tags}); the "
+                         "chat template injected it into the answer, or the data holds it. Answers must not teach "
+                         "the model to emit think tags (pass --enable_thinking true if that is what you want)")
+    return {"trained_token_ids": len(counts), "stop_token_ids": list(stop_ids), "think_tag_examples": think_examples}

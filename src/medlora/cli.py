@@ -27,6 +27,7 @@ commands:
   bench-loss  time the LM head + cross-entropy alone per implementation (TRL, full logits, CCE, Liger)
   report      (re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json
   export      merge an adapter into the base and write a servable checkpoint in the hub's layout
+  rehearse    the real recipe end to end (train, SIGTERM, resume, eval, export), every phase timed
   env         this machine's GPU, libraries and the kernel each backend will use (and why)
   setup-kernels  fetch (or take --from a file) the pinned Triton kernels of backend fast into the cache
   build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
@@ -88,12 +89,13 @@ def cmd_inspect(argv: Sequence[str]) -> None:
     _sections_help(argv, sections, "medlora inspect")
     model_args, data_args = parse_config(argv, sections, "medlora inspect", training_sections())
     validate(model=model_args, data=data_args)
-    from medlora.model import load_tokenizer
-    from medlora.train import format_options, load_training_data
     from medlora.formatting import encode_example, render_example
+    from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
+    from medlora.train import describe_format, load_training_data, resolve_format
 
     tokenizer = load_tokenizer(model_args)
-    options = format_options(data_args)
+    options, fmt = resolve_format(data_args, tokenizer, checkpoint_zero_rows(resolve_model_path(model_args)))
+    print("format:", describe_format(fmt))
     rows = load_training_data(data_args).train_rows
     for row in rows[:n]:
         example = encode_example(tokenizer, row, options)
@@ -124,8 +126,7 @@ def cmd_ask(argv: Sequence[str]) -> None:
     import json
 
     from medlora.evaluate import answer
-    from medlora.evaluate_cli import load_for_eval
-    from medlora.train import format_options
+    from medlora.evaluate_cli import eval_format, load_for_eval
 
     from medlora.data import DataError, row_problem
     from medlora.formatting import OPTION_FIELDS
@@ -135,7 +136,8 @@ def cmd_ask(argv: Sequence[str]) -> None:
     if problem:
         raise DataError(f"medlora ask: field '{problem[0]}': {problem[1]}")
     model, tokenizer = load_for_eval(model_args, known.adapter)
-    result = answer(model, tokenizer, row, format_options(data_args), known.max_new_tokens)
+    options, _ = eval_format(data_args, known.adapter, tokenizer, model)
+    result = answer(model, tokenizer, row, options, known.max_new_tokens)
     print(result["prompt"])
     print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
 
@@ -218,6 +220,38 @@ def cmd_setup_kernels(argv: Sequence[str]) -> None:
     print(f"{MAMBA_SSM_FILE}: Triton kernels cached in {folder} (SHA-256 checked)")
 
 
+def cmd_export(argv: Sequence[str]) -> None:
+    from medlora.export import ExportArguments, export
+
+    sections = (ModelArguments, ExportArguments)
+    _sections_help(argv, sections, "medlora export")
+    model_args, export_args = parse_config(argv, sections, "medlora export")
+    validate(model=model_args)
+    if "--model_name_or_path" not in argv:  # default: the base the adapter was trained on
+        import json
+
+        try:
+            config = json.loads((Path(export_args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+            model_args.model_name_or_path = config.get("base_model_name_or_path") or model_args.model_name_or_path
+        except (OSError, ValueError, AttributeError):
+            pass  # export() names the problem with the adapter dir
+    summary = export(model_args, export_args)
+    check = summary["check"]
+    print(f"wrote {export_args.output_dir}: {summary['tensors']} tensors in {len(summary['shards'])} file(s), "
+          f"{summary['bytes'] / 2**30:.2f} GiB, {summary['dtype']}, layout "
+          f"{'= base' if (summary['layout'] or {}).get('same_as_base') else 'not compared (no base files)'}; "
+          + (f"reload check: logits relative L2 {check['rel_l2']:.2e} <= {check['tolerance']:.0e}" if check
+             else "reload check skipped"))
+
+
+def cmd_rehearse(argv: Sequence[str]) -> None:
+    from medlora.rehearsal import RehearsalArguments, run_rehearsal
+
+    _sections_help(argv, (RehearsalArguments,), "medlora rehearse")
+    (args,) = parse_config(argv, (RehearsalArguments,), "medlora rehearse")
+    run_rehearsal(args)
+
+
 def cmd_build_tiny(argv: Sequence[str]) -> None:
     out = argv[0] if argv else ModelArguments().tiny_cache_dir
     from medlora.model import build_tiny_model
@@ -226,7 +260,7 @@ def cmd_build_tiny(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "env": cmd_env,
+            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "export": cmd_export, "rehearse": cmd_rehearse, "env": cmd_env,
             "setup-kernels": cmd_setup_kernels, "build-tiny": cmd_build_tiny}
 
 

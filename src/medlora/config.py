@@ -86,7 +86,16 @@ class DataArguments:
     style: str = field(default="plain", metadata={"help": "plain (lm-eval medmcqa prompt) or chat (chat template)"})
     include_option_text: bool = field(default=True, metadata={"help": "train on 'A. <option>' rather than 'A'"})
     include_explanation: bool = field(default=False, metadata={"help": "append the row's explanation to the answer"})
-    add_bos_token: bool = field(default=False, metadata={"help": "prepend BOS (lm-eval's HF default is no BOS)"})
+    add_bos_token: bool | None = field(default=None, metadata={
+        "help": "prepend BOS to every prompt: default (unset) follows the tokenizer's own default, as "
+                "lm-evaluation-harness 0.4.13 encodes; true or false overrides it"})
+    stop_token: str = field(default="auto", metadata={
+        "help": "plain style: the token that ends every trained answer. auto: the tokenizer's eos if the model has "
+                "trained it (non-zero embedding and LM-head rows), else the document separator </s> (the "
+                "Nemotron-3 Base eos <|im_end|> is untrained); or name one. Chat style: the template's end of turn"})
+    enable_thinking: bool = field(default=False, metadata={
+        "help": "chat style: passed to the chat template. Off, Nemotron-3's template closes the think block in "
+                "the prompt (<think></think>, masked); answers never contain think tags"})
 
 
 @dataclass

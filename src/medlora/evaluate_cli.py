@@ -99,9 +99,28 @@ def load_for_eval(model_args: ModelArguments, adapter: str | None):
     return model, tokenizer
 
 
-def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments) -> dict[str, Any]:
-    from medlora.train import format_options
+def eval_format(data_args: DataArguments, adapter: str | None, tokenizer, model):
+    """(FormatOptions, record): the adapter's recorded training format (adapter/medlora_format.json) when there is
+    one, so prompts, BOS and the stop token are exactly those it was trained with; else from the flags."""
+    from medlora.audit import zero_weight_rows
+    from medlora.formatting import options_from_record
+    from medlora.train import FORMAT_FILE, resolve_format
 
+    record_path = Path(adapter) / FORMAT_FILE if adapter else None
+    if record_path is not None and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            options = options_from_record(record)
+        except (ValueError, KeyError, TypeError) as err:
+            raise MedloraError(f"{record_path}: not a medlora format record ({type(err).__name__}: {err})") from None
+        if data_args.style != options.style:
+            print(f"medlora: note: {adapter} was trained with style {options.style!r}; scoring with its recorded "
+                  f"format ({record_path.name}), not --style {data_args.style}", file=sys.stderr)
+        return options, record
+    return resolve_format(data_args, tokenizer, lambda ids: zero_weight_rows(model, ids))
+
+
+def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments) -> dict[str, Any]:
     for name, value, low in (("limit", eval_args.limit, 1), ("eval_batch_size", eval_args.eval_batch_size, 1),
                              ("bootstrap_samples", eval_args.bootstrap_samples, 0)):
         if value is not None and value < low:  # a negative --limit would silently drop rows from the end
@@ -121,8 +140,8 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
         write_skipped(report, out)
     if eval_args.limit:
         rows = rows[: eval_args.limit]
-    options = format_options(data_args)
     model, tokenizer = load_for_eval(model_args, eval_args.adapter)
+    options, fmt = eval_format(data_args, eval_args.adapter, tokenizer, model)
     started = time.time()
     preds = score_rows(model, tokenizer, rows, options, eval_args.eval_batch_size)
     summary = summarise(preds, eval_args.bootstrap_samples)
@@ -136,7 +155,7 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
         for pred, base_pred in zip(preds, base_preds):
             pred["base_pred"] = base_pred["pred"]
     summary.update({
-        "data": data_args.data_path, "adapter": eval_args.adapter, "style": options.style,
+        "data": data_args.data_path, "adapter": eval_args.adapter, "style": options.style, "format": fmt,
         "model": model_args.model_name_or_path, "skipped_invalid": len(report.issues),
         "config": to_dict(model_args, data_args, eval_args), "versions": runinfo.versions(),
         "hardware": runinfo.hardware(),

@@ -22,10 +22,22 @@ import torch
 from medlora.config import TINY_MODEL, ConfigError, LoraArguments, MedloraError, ModelArguments
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# ChatML, as Nemotron-3-Nano's template renders a conversation with reasoning off (simplified).
+# ChatML with Nemotron-3-Nano's think-tag behaviour (written for medlora, simplified): reasoning is on unless
+# enable_thinking=False; the generation prompt then opens (<think>\n) or closes (<think></think>) a think block,
+# an assistant turn without think tags gets <think></think> prepended, and an empty system turn is added when
+# the conversation has none. The trap: a naive render puts <think></think> inside the trained answer.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- set enable_thinking = enable_thinking if enable_thinking is defined else true -%}"
+    "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\\n<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] if '<think>' in message['content'] else '<think></think>' + "
+    "message['content'] -%}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' if enable_thinking else "
+    "'<|im_start|>assistant\\n<think></think>' -}}{%- endif -%}"
 )
 TINY_CONFIG = dict(
     vocab_size=2048,
@@ -101,7 +113,8 @@ def build_tiny_tokenizer():
 
 
 def _spec_hash(config: dict[str, Any], seed: int) -> str:
-    blob = json.dumps({"config": config, "seed": seed, "corpus": _tokenizer_corpus()}, sort_keys=True)
+    blob = json.dumps({"config": config, "seed": seed, "corpus": _tokenizer_corpus(), "template": CHAT_TEMPLATE,
+                       "layout": "hub"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -145,21 +158,121 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, **overrides: Any) ->
         torch.manual_seed(seed)
         model = NemotronHForCausalLM(NemotronHConfig(**config))
         # Not model.save_pretrained: under torchrun it writes only on global rank 0, and whichever rank
-        # takes the lock builds (on every node). These are the same files it writes for this model.
-        from safetensors.torch import save_model
-
+        # takes the lock builds (on every node). Written in the hub's layout, as the real checkpoint is: one
+        # tensor per routed expert under `backbone.`; from_pretrained fuses them (the same loading path).
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_hub_layout(model, tmp)
         build_tiny_tokenizer().save_pretrained(tmp)
 
     return write_model_dir(output_dir, {"tiny": _spec_hash(config, seed), "seed": seed}, write)
+
+
+def hub_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the hub checkpoint's names and shapes (one tensor per routed expert).
+
+    transformers fuses the hub's per-expert tensors into 3-D ones at load and reverts that on save only for the
+    conversions a load used; the default nemotron_h mapping is applied here whatever the model was loaded from.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    saved = getattr(model, "_weight_conversions", None)
+    if hasattr(model, "_weight_conversions"):
+        del model._weight_conversions  # absent: revert_weight_conversion uses the model type's default mapping
+    try:
+        return revert_weight_conversion(model, model.state_dict())
+    finally:
+        if saved is not None:
+            model._weight_conversions = saved
+
+
+def save_hub_layout(model, directory: Path, max_shard_bytes: int = 5 * 2**30,
+                    dtypes: dict[str, torch.dtype] | None = None) -> dict[str, Any]:
+    """Write `hub_state_dict(model)` as sharded safetensors with an index (one file when it fits a shard).
+
+    `dtypes`: name -> dtype to write (the original checkpoint's); default the model's. Shards are written one at
+    a time from the model's device, so host memory holds one shard at most.
+    """
+    from safetensors.torch import save_file
+
+    state = hub_state_dict(model)
+    names = sorted(state)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        dtype = (dtypes or {}).get(name, state[name].dtype)
+        nbytes = state[name].numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for filename, shard in zip(files, shards):
+        tensors = {}
+        for name in shard:
+            tensor = state[name].detach()
+            tensor = tensor.to((dtypes or {}).get(name, tensor.dtype)).contiguous().cpu()
+            tensors[name] = tensor
+            total += tensor.numel() * tensor.element_size()
+            weight_map[name] = filename
+        save_file(tensors, str(Path(directory) / filename), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return {"files": files, "tensors": len(names), "bytes": total}
+
+
+def checkpoint_zero_rows(path: str):
+    """`zero_rows` for `formatting.choose_stop_token` reading only the embedding and LM-head rows of a local
+    checkpoint (no model load); a hub id that is not a local dir returns None (cannot be checked here)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+
+    def zero_rows(ids):
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        rows: dict[int, str] = {}
+        for file in files:
+            with safe_open(str(file), "pt") as fh:
+                for key in fh.keys():
+                    if key not in ("lm_head.weight", "backbone.embeddings.weight", "model.embeddings.weight",
+                                   "model.embed_tokens.weight"):
+                        continue
+                    what = "LM-head" if key == "lm_head.weight" else "input-embedding"
+                    weight = fh.get_slice(key)
+                    for i in ids:
+                        if not bool(weight[i:i + 1].abs().amax() > 0):
+                            rows[i] = what if i not in rows else f"{rows[i]} and {what}"
+        return rows
+
+    return zero_rows
+
+
+RANDOM_PREFIX = "random:"  # random:nano-full, random:nano-quarter: real widths, random weights, built in memory
 
 
 def resolve_model_path(args: ModelArguments) -> str:
     if args.model_name_or_path == TINY_MODEL:
         return str(build_tiny_model(args.tiny_cache_dir))
     return args.model_name_or_path
+
+
+def random_spec(path: str) -> str | None:
+    """'nano-full' for 'random:nano-full'; None for anything else. Unknown specs are refused."""
+    if not path.startswith(RANDOM_PREFIX):
+        return None
+    from medlora.benchmark import SPECS
+
+    spec = path[len(RANDOM_PREFIX):]
+    if spec not in ("tiny", *SPECS):
+        raise ConfigError(f"--model_name_or_path {path}: unknown random spec; choose from "
+                          f"{', '.join(RANDOM_PREFIX + s for s in ('tiny', *SPECS))}")
+    return spec
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -191,6 +304,10 @@ def load_tokenizer(args: ModelArguments, path: str | None = None):
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(args)
+    if random_spec(path):
+        tokenizer = build_tiny_tokenizer()  # its ids fit any vocabulary; lengths differ from Nemotron's tokenizer
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        return tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     except (OSError, ValueError) as err:
@@ -207,6 +324,22 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     path = resolve_model_path(args)
     tokenizer = load_tokenizer(args, path)
     dtype = resolve_dtype(args.torch_dtype)
+    spec = random_spec(path)
+    if spec:  # the rehearsal's stand-in for the real checkpoint: same widths, random weights, no disk
+        from medlora.benchmark import build_in_memory
+
+        if args.load_in_4bit:
+            raise ConfigError("--load_in_4bit: random specs are built in bf16 in memory; drop the flag")
+        devices = [torch.device(device).index or 0] if device is not None and torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's seeded RNG (LoRA init) stays untouched
+            model, _ = build_in_memory(spec, 0, device)
+        if dtype != next(model.parameters()).dtype:
+            model = model.to(dtype)
+        model.name_or_path = model.config._name_or_path = path  # recorded as the adapter's base model
+        if args.experts_implementation:
+            model.set_experts_implementation(args.experts_implementation)
+        model.config.use_cache = False
+        return model, tokenizer
     kwargs: dict[str, Any] = dict(
         dtype=dtype, attn_implementation=args.attn_implementation, revision=args.revision,
         trust_remote_code=trust_remote_code, use_safetensors=True,

@@ -40,6 +40,22 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
+def format_lines(fmt: dict[str, Any] | None) -> list[str]:
+    """How answers end and prompts begin (metrics.json `format`; runs before medlora 0.1 have none)."""
+    if not fmt:
+        return []
+    stop = fmt.get("stop", {})
+    lines = [f"- Stop token (ends every trained answer): `{stop.get('token')}`"
+             + (f" (id {stop['id']})" if "id" in stop else "") + f" — {stop.get('reason')}",
+             f"- BOS before each prompt: {'yes' if fmt.get('add_bos_token') else 'no'} ({fmt.get('bos_source')})"]
+    chat = fmt.get("chat_template")
+    if chat:
+        lines.append(f"- Chat template: enable_thinking {chat['enable_thinking']}; think tags in the (masked) prompt: "
+                     f"{chat['think_tags_in_prompt']}; injected before the answer and not trained: "
+                     f"`{chat['injected_before_content_not_trained'] or 'nothing'}`")
+    return lines
+
+
 def render_model_card(metrics: dict[str, Any]) -> str:
     cfg = metrics["config"]
     model, lora, data = cfg["ModelArguments"], cfg["LoraArguments"], cfg["DataArguments"]
@@ -71,6 +87,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         f"skipped: {metrics['skipped_invalid']}",
         f"- Prompt style: `{data['style']}` (include option text: {data['include_option_text']}, explanation: "
         f"{data['include_explanation']})",
+        *format_lines(metrics.get("format")),
         "",
         "## Training",
         "",

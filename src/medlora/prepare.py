@@ -47,8 +47,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
     from rich.console import Console
     from rich.table import Table
 
-    from medlora.model import load_tokenizer
-    from medlora.train import format_options
+    from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
+    from medlora.train import resolve_format
 
     out = Path(prep.output_dir)
     if out.exists() and any(out.iterdir()) and not prep.overwrite:
@@ -68,7 +68,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
         console.print(deidentification_table(deidentified))
     splits = split_rows(rows, data_args.eval_fraction, data_args.split_seed, prep.test_fraction)
     tokenizer = load_tokenizer(model_args)
-    options = format_options(data_args)
+    options, _ = resolve_format(data_args, tokenizer, checkpoint_zero_rows(resolve_model_path(model_args)))
     for part in splits.values():
         for row in part:
             letter = "ABCD"[row["cop"]]

@@ -141,7 +141,12 @@ def make_callbacks(trainer_ref: dict[str, Any]):
     class CheckpointCommit(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                commit_checkpoint(checkpoint)
+                started, phases = trainer_ref.pop("save_started", None), trainer_ref.get("phases")
+                if started is not None and phases is not None:
+                    size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+                    phases.event("save", time.time() - started, step=state.global_step, bytes=size)
             return control
 
     class SignalStop(TrainerCallback):

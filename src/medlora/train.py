@@ -17,20 +17,40 @@ from typing import Any
 import torch
 
 from medlora import runinfo
-from medlora.audit import audit_gradients, audit_labels
+from medlora.audit import audit_gradients, audit_labels, audit_trained_tokens
 from medlora.config import (ConfigError, DataArguments, LoraArguments, MedloraError, ModelArguments,
                             RunArguments, to_dict, validate)
 from medlora.data import (DataError, LoadReport, check_leakage, format_issues, load_medmcqa, split_rows,
                           write_skipped)
 from medlora.evaluate import distributed_score, summarise, write_json
-from medlora.formatting import FormatOptions, encode_example, render_example, stop_token_ids
+from medlora.formatting import (FormatOptions, choose_stop_token, encode_example, format_record, render_example,
+                                stop_token_ids, think_token_ids)
 
 RUN_MARKERS = ("metrics.json", "adapter", "trainer_state.json")
+FORMAT_FILE = "medlora_format.json"  # in adapter/: how prompts and answers were built
 
 
-def format_options(data: DataArguments) -> FormatOptions:
+def format_options(data: DataArguments, stop_token: str | None = None) -> FormatOptions:
+    """FormatOptions from the flags; `stop_token` is the one `choose_stop_token` picked for the loaded model."""
+    if stop_token is None and data.style == "plain" and data.stop_token != "auto":
+        stop_token = data.stop_token
     return FormatOptions(style=data.style, include_option_text=data.include_option_text,
-                         include_explanation=data.include_explanation, add_bos_token=data.add_bos_token)
+                         include_explanation=data.include_explanation, add_bos_token=data.add_bos_token,
+                         stop_token=stop_token, enable_thinking=data.enable_thinking)
+
+
+def resolve_format(data: DataArguments, tokenizer, zero_rows) -> tuple[FormatOptions, dict[str, Any]]:
+    """(FormatOptions, record) with the stop token chosen against the model's weights (`zero_rows`, see
+    `formatting.choose_stop_token`): a loaded model's rows in `train`, the checkpoint's rows in `inspect`/`prepare`."""
+    stop_token, stop = choose_stop_token(tokenizer, data.style, data.stop_token, zero_rows)
+    options = format_options(data, stop_token)
+    return options, format_record(tokenizer, options, stop)
+
+
+def describe_format(fmt: dict[str, Any]) -> str:
+    stop = fmt["stop"]
+    return (f"style {fmt['style']}; stop token {stop['token']!r}" + (f" (id {stop['id']})" if "id" in stop else "")
+            + f": {stop['reason']}; BOS {'yes' if fmt['add_bos_token'] else 'no'} ({fmt['bos_source']})")
 
 
 @dataclass
@@ -154,7 +174,9 @@ def make_accuracy_callback(trainer_ref: dict, eval_rows, tokenizer, options, run
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             trainer = trainer_ref["trainer"]
+            t0 = time.time()
             preds = distributed_score(trainer.model, tokenizer, rows, options, run.eval_batch_size)
+            trainer_ref["accuracy_s"], trainer_ref["accuracy_n"] = time.time() - t0, len(rows)
             accuracy = summarise(preds, bootstrap_samples=0)["accuracy"]
             if metrics is not None:
                 metrics["eval_accuracy"] = accuracy
@@ -220,24 +242,30 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
     check_output_dir(output_dir, run_args.overwrite, resume)
     set_seed(train_args.seed)
     started = time.time()
+    from medlora.phases import PhaseLog, make_step_clock
+
+    phases = PhaseLog(output_dir, enabled=runinfo.is_main_process())
     if not torch.cuda.is_available() and "bnb" in str(train_args.optim):
         from transformers.training_args import OptimizerNames
 
         console.print(f"no CUDA GPU: optimizer {train_args.optim.value} -> adamw_torch (bitsandbytes 8-bit needs CUDA)")
         train_args.optim = OptimizerNames.ADAMW_TORCH
 
-    options = format_options(data_args)
     device = torch.device("cuda", runinfo.local_rank()) if torch.cuda.is_available() else None
     from medlora.backends import load_for_training
     from medlora.model import print_lora_table
 
     # data and resume point first: a bad file or path must not cost a 63 GB model load
-    data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
+    with phases.timed("data"):
+        data = load_training_data(data_args, output_dir if runinfo.is_main_process() else None)
     for report in data.reports:
         console.print(f"[bold]data[/] {report.summary()}")
         if report.issues:
             console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
     resume_path = resolve_resume(output_dir, resume)
+    if resume_path:
+        phases.event("resume_from", checkpoint=Path(resume_path).name)
+    load_started = time.time()
     checkpointing = train_args.gradient_checkpointing
     if run_args.backend == "fast" and checkpointing:
         checkpointing = tuple(run_args.fast_checkpoint_blocks)  # selective: only these block kinds recompute
@@ -245,6 +273,7 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         run_args.backend, model_args, lora_args, train_args.max_length or 2048, checkpointing,
         train_args.seed, None if run_args.fsdp2 else device, train_args.trust_remote_code, run_args.fast_levers,
         run_args.fast_gpu_arch)
+    phases.event("load", time.time() - load_started)
     if run_args.fsdp2:  # loaded to CPU; each rank moves only its shards to its device
         from medlora.fsdp import shard_model
 
@@ -253,6 +282,13 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         console.print(f"[bold]FSDP2[/]: {backend_report['sharding']}")
     if run_args.backend in ("unsloth", "fast"):
         train_args.gradient_checkpointing = False  # the backend applied its own checkpointing
+    from medlora.audit import zero_weight_rows
+
+    # the token that ends every answer, checked against this model's weights (an untrained eos cannot be learnt)
+    options, fmt = resolve_format(data_args, tokenizer, lambda ids: zero_weight_rows(model, ids))
+    console.print("format: " + describe_format(fmt), markup=False, highlight=False)
+    if "chat_template" in fmt:
+        console.print(f"chat template: {fmt['chat_template']}", markup=False, highlight=False)
     train_ds, train_long = tokenize_rows(data.train_rows, tokenizer, options, train_args.max_length, "train")
     eval_ds, eval_long = tokenize_rows(data.eval_rows, tokenizer, options, train_args.max_length, "eval")
     for name, long in (("train", train_long), ("eval", eval_long)):
@@ -287,14 +323,28 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
             if self.args.should_save:
                 self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
+        def evaluate(self, *args, **kwargs):  # eval loss + (callback) MedMCQA accuracy, timed apart
+            t0 = time.time()
+            result = super().evaluate(*args, **kwargs)
+            total = time.time() - t0
+            accuracy_s = trainer_ref.pop("accuracy_s", 0.0)
+            phases.event("eval", total, step=self.state.global_step, loss_s=round(total - accuracy_s, 3),
+                         accuracy_s=round(accuracy_s, 3), accuracy_n=trainer_ref.get("accuracy_n"))
+            return result
+
+        def _save_checkpoint(self, *args, **kwargs):
+            trainer_ref["save_started"] = time.time()  # CheckpointCommit records the save once committed
+            return super()._save_checkpoint(*args, **kwargs)
+
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
             trainer_ref["last_loss"] = loss.detach()  # for the non-finite message; no device sync here
             return loss
 
     trainer = MedloraSFTTrainer(model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                processing_class=tokenizer, callbacks=[callback, commit, signal_stop, non_finite])
+                                processing_class=tokenizer, callbacks=[callback, commit, signal_stop, non_finite, make_step_clock(phases)])
     trainer_ref["trainer"] = trainer
+    trainer_ref["phases"] = phases
 
     audits = {}
     prepared = trainer.train_dataset
@@ -312,14 +362,17 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
             batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
         else:
             batch = trainer.data_collator([prepared[i] for i in range(n)])
-        audits["labels"] = audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops)
+        think = think_token_ids(tokenizer)
+        audits["labels"] = audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops,
+                                        None if options.enable_thinking else think)
+        audits["tokens"] = audit_trained_tokens(model, tokenizer, train_ds, stops, think, options.enable_thinking)
         small = trainer.data_collator([prepared[i] for i in range(min(len(prepared),
                                                                       train_args.per_device_train_batch_size))])
         audits["gradients"] = audit_gradients(trainer.model, small)
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
 
     # The base model is scored on the same eval questions as the final adapter, so they compare directly.
-    with trainer.model.disable_adapter():
+    with trainer.model.disable_adapter(), phases.timed("base_score", n=len(data.eval_rows)):
         base_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
     base_summary = summarise(base_preds, bootstrap_samples=0)
 
@@ -337,7 +390,8 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
                           "--resume_from_checkpoint auto", signal_stop.signum)
     eval_metrics = trainer.evaluate()  # also runs the accuracy callback on the (limited) eval rows
 
-    final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
+    with phases.timed("final_score", n=len(data.eval_rows)):
+        final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
     final_summary = summarise(final_preds)
     metrics: dict[str, Any] = {
         "train_loss": train_result.training_loss,
@@ -361,11 +415,13 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         "skipped_too_long": {"train": len(train_long), "eval": len(eval_long)},
         "skipped_invalid": sum(len(r.issues) for r in data.reports),
         "audits": audits,
+        "format": fmt,
         "backend": run_args.backend,
         "backend_report": backend_report,
         "lora": lora_counts,
         "log_history": trainer.state.log_history,
         "wall_time_s": round(time.time() - started, 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device is not None else None,
         "config": to_dict(model_args, lora_args, data_args, run_args, train_args),
         "versions": runinfo.versions(),
         "hardware": runinfo.hardware(),
@@ -382,10 +438,14 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         adapter_state = trainable_state_dict(trainer.model)  # collective, before rank 0 writes alone
     if trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
+        t0 = time.time()
         trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False, state_dict=adapter_state)
         tokenizer.save_pretrained(adapter_dir)
+        write_json(adapter_dir / FORMAT_FILE, fmt)  # eval, ask and export build prompts exactly as trained
         size = (adapter_dir / "adapter_model.safetensors").stat().st_size
         metrics["adapter_bytes"] = size
+        phases.event("adapter_save", time.time() - t0, bytes=size)
+        metrics["phases"] = phases.summary()
         write_json(output_dir / "metrics.json", metrics)
         from medlora.modelcard import write_model_card
 

@@ -1,0 +1,119 @@
+"""Wall time of every phase of a run, as it happens: OUTPUT_DIR/medlora_phases.jsonl (one JSON object a line).
+
+A run that is stopped (SIGTERM) and resumed writes to the same file from both processes, so the rehearsal
+(`medlora rehearse`) and a user can read load, first step, every step, each eval, each save and the resume
+from one place; metrics.json keeps the summary of the process that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+PHASES_FILE = "medlora_phases.jsonl"
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): the resume clock starts before Python imports anything."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil comes with accelerate; without it the clock starts at import
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+class PhaseLog:
+    """Appends phase records for one process; a no-op on non-main ranks (`enabled=False`)."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.path = Path(output_dir) / PHASES_FILE
+        self.enabled = enabled
+        self.started = process_start()
+        self.records: list[dict[str, Any]] = []
+        self.pid = os.getpid()
+
+    def event(self, phase: str, seconds: float | None = None, **fields: Any) -> dict[str, Any]:
+        record = {"phase": phase, "pid": self.pid, "t": round(time.time() - self.started, 3),
+                  **({"seconds": round(seconds, 3)} if seconds is not None else {}), **fields}
+        self.records.append(record)
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        return record
+
+    def timed(self, phase: str, **fields: Any):
+        log = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.time()
+                return self
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    log.event(phase, time.time() - self.t0, **fields)
+
+        return _Timer()
+
+    def summary(self) -> dict[str, Any]:
+        steps = [r["seconds"] for r in self.records if r["phase"] == "step"]
+        out: dict[str, Any] = {r["phase"]: r.get("seconds") for r in self.records
+                               if r["phase"] not in ("step", "eval", "save", "first_step")}
+        first = next((r for r in self.records if r["phase"] == "first_step"), None)
+        if first:
+            out["first_step"] = {"step": first["step"], "seconds": first["seconds"],
+                                 "since_process_start_s": first["t"]}
+        if steps:
+            timed = steps[1:] or steps  # the first step carries compilation and allocation
+            out["steps"] = {"n": len(steps), "mean_s": round(statistics.fmean(timed), 3),
+                            "median_s": round(statistics.median(timed), 3), "max_s": round(max(timed), 3),
+                            "slowest_step": next(r["step"] for r in self.records
+                                                 if r["phase"] == "step" and r["seconds"] == max(timed))}
+        out["evals"] = [{k: v for k, v in r.items() if k not in ("phase", "pid")}
+                        for r in self.records if r["phase"] == "eval"]
+        out["saves"] = [{k: v for k, v in r.items() if k not in ("phase", "pid")}
+                        for r in self.records if r["phase"] == "save"]
+        return out
+
+
+def read_phases(output_dir: Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / PHASES_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def make_step_clock(log: PhaseLog):
+    """Trainer callback: every optimizer step's wall time (CUDA-synchronised) and the first step of this process."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.first = True
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.t0 is None:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.time() - self.t0
+            if self.first:
+                log.event("first_step", seconds, step=state.global_step)
+                self.first = False
+            log.event("step", seconds, step=state.global_step)
+
+    return StepClock()
