@@ -120,3 +120,35 @@ def test_adapter_round_trip_and_merge_on_nano_quarter(nano_quarter, tmp_path):
         return ((x - reference).norm() / reference.norm()).item()
 
     assert rel(merged_bf16) <= 2 * rel(adapted) + 1e-2, (rel(merged_bf16), rel(adapted))
+
+
+def test_export_nano_quarter_bf16(nano_quarter, tmp_path):
+    """`medlora export` at real widths: routed-expert LoRA merged, hub layout of the saved base (per-expert
+    tensors, bf16), reloaded and checked against base + adapter within the bf16 tolerance."""
+    import gc
+
+    from medlora.config import LoraArguments, ModelArguments
+    from medlora.export import ExportArguments, TOLERANCE, export
+    from medlora.model import apply_lora
+
+    model, _, path = nano_quarter
+    peft_model = apply_lora(model, LoraArguments())  # routed experts included (target_parameters)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)  # a non-zero adapter of a trained one's size
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.unload()
+    del peft_model
+    gc.collect()
+    out = os.environ.get("MEDLORA_EXPORT_DIR", str(tmp_path / "merged"))
+    summary = export(ModelArguments(model_name_or_path=str(path), experts_implementation="grouped_mm"),
+                     ExportArguments(adapter=str(tmp_path / "adapter"), output_dir=out, check_examples=4,
+                                     check_data=str(ROOT / "data" / "sample" / "medmcqa_sample.jsonl")))
+    from test_gpu_fast import report
+
+    report("export-nano-quarter-bf16", check=summary["check"], layout=summary["layout"], phases=summary["phases"],
+           bytes=summary["bytes"], merged=summary["lora_layers_merged"])
+    assert summary["layout"]["same_as_base"] and summary["dtype"] == "torch.bfloat16"
+    assert summary["lora_layers_merged"]["routed_experts"] == 2 * 5  # up and down of 5 MoE layers
+    assert summary["check"]["passed"] and summary["check"]["tolerance"] == TOLERANCE["bfloat16"]

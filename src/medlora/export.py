@@ -202,6 +202,9 @@ def export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
     tokenizer.save_pretrained(out)
     phases["write_s"] = round(time.time() - t, 1)
     del model, base
+    import gc
+
+    gc.collect()  # PEFT wrappers hold reference cycles: free the 63 GB before the reload check
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     names = {}
@@ -256,6 +259,9 @@ def check_reload(out: Path, reference: torch.Tensor, ids, mask, dtype) -> dict[s
     model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map=device_map, use_safetensors=True)
     got = _logits(model, ids, mask)
     del model
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     rel = float((got - reference).norm() / reference.norm().clamp_min(1e-12))

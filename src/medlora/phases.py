@@ -66,8 +66,11 @@ class PhaseLog:
 
     def summary(self) -> dict[str, Any]:
         steps = [r["seconds"] for r in self.records if r["phase"] == "step"]
-        out: dict[str, Any] = {r["phase"]: r.get("seconds") for r in self.records
-                               if r["phase"] not in ("step", "eval", "save", "first_step")}
+        out: dict[str, Any] = {}
+        for r in self.records:
+            if r["phase"] not in ("step", "eval", "save", "first_step"):
+                extra = {k: v for k, v in r.items() if k not in ("phase", "pid", "t", "seconds")}
+                out[r["phase"]] = {"seconds": r.get("seconds"), **extra} if extra else r.get("seconds")
         first = next((r for r in self.records if r["phase"] == "first_step"), None)
         if first:
             out["first_step"] = {"step": first["step"], "seconds": first["seconds"],

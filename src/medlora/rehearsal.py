@@ -1,6 +1,6 @@
 """`medlora rehearse`: the real recipe end to end at full size, every phase timed, one JSON of the lot.
 
-    uv run medlora rehearse --config configs/nano-fast.yaml --model_name_or_path random:nano-full
+    uv run medlora rehearse --train_config configs/nano-fast.yaml --model_name_or_path random:nano-full
 
 The same `medlora train` a user runs (their config, unchanged but for the model and the data), in separate
 processes as a user would see them: train until step K -> SIGTERM (a checkpoint is saved, exit 143) ->
@@ -13,6 +13,7 @@ each run's OUTPUT_DIR/medlora_phases.jsonl (`medlora.phases`); sizes from the fi
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ TARGETS = {"checkpoint_save_s": 30.0, "resume_to_first_new_step_s": 180.0, "accu
 
 @dataclass
 class RehearsalArguments:
-    config: str = field(default="configs/nano-fast.yaml", metadata={"help": "the training config a user runs"})
+    train_config: str = field(default="configs/nano-fast.yaml", metadata={"help": "the training config a user runs"})
     model_name_or_path: str = field(default="random:nano-full", metadata={
         "help": "the model swapped in: random:nano-full (real widths, random weights, built on the GPU), a local dir"})
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={
@@ -43,8 +44,8 @@ class RehearsalArguments:
     work_dir: str = field(default="outputs/rehearsal", metadata={"help": "split files, the run, logs (must be new)"})
     export_dir: str = field(default="outputs/rehearsal-merged", metadata={
         "help": "where the merged model goes (63 GB for nano-full: /dev/shm/... on a small disk)"})
-    train_flags: list[str] = field(default_factory=list, metadata={
-        "help": "extra `medlora train` flags, e.g. --per_device_train_batch_size 32 (quote them as one list)"})
+    train_flags: str = field(default="", metadata={
+        "help": "extra `medlora train` flags as one quoted string, e.g. \"--per_device_train_batch_size 32\""})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where the rehearsal JSON goes"})
     tag: str = field(default="", metadata={"help": "suffix for the result file name"})
 
@@ -52,7 +53,7 @@ class RehearsalArguments:
 def _write_split(args: RehearsalArguments, work: Path) -> dict[str, Any]:
     from medlora.data import load_medmcqa, split_rows
 
-    rows, _ = load_medmcqa(args.data_path, evaluation=False)
+    rows, report = load_medmcqa(args.data_path, skip_invalid=True)  # rows a training load rejects: counted, left out
     if len(rows) <= args.eval_questions:
         raise MedloraError(f"--data_path {args.data_path}: {len(rows)} usable questions, need more than "
                            f"--eval_questions {args.eval_questions}")
@@ -65,6 +66,7 @@ def _write_split(args: RehearsalArguments, work: Path) -> dict[str, Any]:
             for row in part:  # cop stays 0-3 (the canonical numbering); the loader detects it
                 fh.write(json.dumps({k: row[k] for k in keep if k in row}, ensure_ascii=False) + "\n")
         sizes[name] = len(part)
+    sizes["skipped_invalid"] = len(report.issues)
     return sizes
 
 
@@ -127,13 +129,13 @@ def run_rehearsal(args: RehearsalArguments) -> Path:
     split = _write_split(args, work)
     run_dir = work / "run"
     cli = [sys.executable, "-m", "medlora.cli"]
-    train = [*cli, "train", "--config", args.config, "--model_name_or_path", args.model_name_or_path,
+    train = [*cli, "train", "--config", args.train_config, "--model_name_or_path", args.model_name_or_path,
              "--data_path", str(work / "train.jsonl"), "--eval_data_path", str(work / "eval.jsonl"),
              "--output_dir", str(run_dir), "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps),
              "--save_steps", str(args.save_steps), "--eval_strategy", "steps", "--save_strategy", "steps",
-             "--eval_accuracy_samples", "0", "--report_to", "none", *args.train_flags]
+             "--eval_accuracy_samples", "0", "--report_to", "none", *shlex.split(args.train_flags)]
     result: dict[str, Any] = {"date": date.today().isoformat(), "kind": "rehearsal", "model": args.model_name_or_path,
-                              "config_file": args.config, "rehearsal": asdict(args), "split": split,
+                              "config_file": args.train_config, "rehearsal": asdict(args), "split": split,
                               "versions": runinfo.versions(), "hardware": runinfo.hardware(), "commands": {}}
     failed = None
     steps = [("train_until_sigterm", train, args.sigterm_at_step, 128 + signal.SIGTERM),
