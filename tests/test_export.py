@@ -47,6 +47,7 @@ def test_export_writes_the_hub_layout_of_the_base(exported):
         assert (out / name).is_file(), name
     summary = json.loads((out / "medlora_export.json").read_text())
     assert summary["check"]["passed"] and summary["check"]["rel_l2"] <= 1e-4 and summary["layout"]["same_as_base"]
+    assert summary["check"]["reload_identical"] and summary["check"]["tensors_compared"] == 49  # fused names
     assert summary["lora_layers_merged"]["routed_experts"] > 0 and summary["lora_layers_merged"]["linear"] > 0
     card = (out / "README.md").read_text()
     assert "Not medical advice" in card and "## This checkpoint (medlora export)" in card
@@ -102,4 +103,5 @@ def test_bf16_export_is_within_the_stated_tolerance(cli_run, tmp_path, capsys):
     summary = json.loads((tmp_path / "merged" / "medlora_export.json").read_text())
     assert summary["dtype"] == "torch.bfloat16" and layout(tmp_path / "merged") == layout(base)
     print("bf16 export check:", summary["check"])
-    assert summary["check"]["passed"] and summary["check"]["tolerance"] == 5e-2
+    assert summary["check"]["passed"] and summary["check"]["reload_identical"] and summary["check"]["tolerance"] == 0.5
+    assert summary["check"]["top1_agreement"] >= 0.9 and summary["check"]["rel_l2"] < 5e-2  # measured 0.98 / 1.3e-2

@@ -205,6 +205,7 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
     assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
     assert by["fast[none]"]["backend_report"]["levers"] == []
+    assert by["fast"]["backend_report"]["levers"] == list(fast.DEFAULT_LEVERS)  # the levers `train` runs
     assert "grouped" in by["fast"]["backend_report"]["kernels"]["moe_lora"]
     assert "PEFT" in by["fast[none]"]["backend_report"]["kernels"]["moe_lora"]
     assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()

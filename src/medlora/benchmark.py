@@ -49,7 +49,8 @@ SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
 class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
     backends: list[str] = field(default_factory=lambda: ["hf"], metadata={
-        "help": "hf, unsloth, fast, fast[lever+lever] (only those levers on), hf+triton (hf with Triton Mamba ops)"})
+        "help": "hf, unsloth, fast (train's default levers), fast[lever+lever] (only those levers on), a suffix "
+                "@sm80 (fast with the A100 kernels), hf+triton (hf with Triton Mamba ops)"})
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
@@ -169,7 +170,7 @@ def peak_tflops(gpu_name: str | None) -> float | None:
 def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None, str]:
     """'fast[triton_mamba+varlen_attention]@sm80' -> ('fast', levers, 'sm80'); 'hf', 'unsloth', 'hf+triton' ->
     (name, None, 'auto'). `@sm80` runs fast with the kernels it picks on an A100 (medlora.kernels)."""
-    from medlora.fast import LEVERS
+    from medlora.fast import DEFAULT_LEVERS, LEVERS
 
     spec, _, arch = spec.partition("@")
     arch = arch or "auto"
@@ -179,8 +180,8 @@ def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None, str]:
         if arch != "auto":
             raise MedloraError(f"--backends {spec}@{arch}: an architecture suffix is for fast backends only")
         return spec, None, arch
-    if spec == "fast":
-        return "fast", tuple(LEVERS), arch
+    if spec == "fast":  # what `medlora train --backend fast` runs (before 2026-12-01 the bench meant every lever)
+        return "fast", tuple(DEFAULT_LEVERS), arch
     if spec.startswith("fast[") and spec.endswith("]"):
         inner = spec[5:-1]
         levers = () if inner in ("", "none") else tuple(inner.split("+"))

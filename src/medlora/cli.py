@@ -240,8 +240,8 @@ def cmd_export(argv: Sequence[str]) -> None:
     print(f"wrote {export_args.output_dir}: {summary['tensors']} tensors in {len(summary['shards'])} file(s), "
           f"{summary['bytes'] / 2**30:.2f} GiB, {summary['dtype']}, layout "
           f"{'= base' if (summary['layout'] or {}).get('same_as_base') else 'not compared (no base files)'}; "
-          + (f"reload check: logits relative L2 {check['rel_l2']:.2e} <= {check['tolerance']:.0e}" if check
-             else "reload check skipped"))
+          + (f"reload check: bit-identical {check['reload_identical']}, logits relative L2 {check['rel_l2']:.2e}, "
+             f"top-1 {check['top1_agreement']:.3f} (pass: {check['tolerance']})" if check else "reload check skipped"))
 
 
 def cmd_rehearse(argv: Sequence[str]) -> None:

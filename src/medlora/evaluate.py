@@ -18,6 +18,18 @@ import torch
 from medlora.formatting import LETTERS, FormatOptions, build_prompt, encode_choices, stop_token_ids
 
 
+def _backbone_and_head(model):
+    """(backbone, LM head) of a (PEFT-wrapped) causal LM, so scoring projects only the positions it reads; None
+    for a sharded (FSDP2) model, whose root forward must run to gather the head's weights."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone, head = getattr(base, "base_model", None), base.get_output_embeddings()
+    if backbone is None or backbone is base or head is None:
+        return None
+    return backbone, head
+
+
 @torch.no_grad()
 def score_rows(
     model, tokenizer, rows: list[dict[str, Any]], options: FormatOptions, batch_size: int = 8,
@@ -43,6 +55,7 @@ def score_rows(
     scores = [[0.0] * 4 for _ in rows]
     order = sorted(range(len(requests)), key=lambda k: -len(requests[k][2]))  # similar lengths together
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    split = None if equal_forwards else _backbone_and_head(model)
     for start in range(0, len(order), batch_size):
         batch = [requests[k] for k in order[start : start + batch_size]]
         width = max(len(r[2]) for r in batch)
@@ -51,19 +64,29 @@ def score_rows(
         for b, (_, _, seq, _) in enumerate(batch):
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for b, (row_idx, letters, seq, conts) in enumerate(batch):
-            if len(letters) == 4:  # single-token letters: all four read at the last context position
-                position = len(seq) - 1
+        # the positions whose next-token distribution is read: the last context token (all four one-token
+        # letters), or each position before a continuation token
+        reads = [[len(seq) - 1] if len(letters) == 4 else list(range(len(seq) - len(conts[0][0]) - 1, len(seq) - 1))
+                 for _, letters, seq, conts in batch]
+        rows_at = torch.tensor([b for b, r in enumerate(reads) for _ in r], device=device)
+        cols_at = torch.tensor([c for r in reads for c in r], device=device)
+        if split is not None:  # the LM head on the read positions only: no [batch, length, vocab] logits
+            backbone, head = split
+            hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device))[0]
+            logprobs = torch.log_softmax(head(hidden[rows_at, cols_at]).float(), dim=-1)
+        else:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logprobs = torch.log_softmax(logits[rows_at, cols_at].float(), dim=-1)
+        offset = 0
+        for (row_idx, letters, seq, conts), read in zip(batch, reads):
+            if len(letters) == 4:
                 for j in letters:
-                    scores[row_idx][j] = logprobs[b, position, conts[0][j][0]].item()
+                    scores[row_idx][j] = logprobs[offset, conts[0][j][0]].item()
             else:
-                cont = conts[0][0]
-                first = len(seq) - len(cont)
-                targets = torch.tensor(cont, device=logprobs.device)
-                picked = logprobs[b, first - 1 : len(seq) - 1].gather(-1, targets[:, None])
+                targets = torch.tensor(conts[0][0], device=logprobs.device)
+                picked = logprobs[offset: offset + len(read)].gather(-1, targets[:, None])
                 scores[row_idx][letters[0]] = picked.sum().item()
+            offset += len(read)
     if equal_forwards:
         import torch.distributed as dist
 

@@ -39,10 +39,17 @@ class PhaseLog:
         self.started = process_start()
         self.records: list[dict[str, Any]] = []
         self.pid = os.getpid()
+        self.peak_gib = 0.0  # the whole process's peak (per-event peaks reset the CUDA counter)
 
     def event(self, phase: str, seconds: float | None = None, **fields: Any) -> dict[str, Any]:
+        import torch
+
         record = {"phase": phase, "pid": self.pid, "t": round(time.time() - self.started, 3),
                   **({"seconds": round(seconds, 3)} if seconds is not None else {}), **fields}
+        if torch.cuda.is_available():  # GPU memory peak since the previous event: which phase needs the most
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self.peak_gib = max(self.peak_gib, record["peak_gib"])
+            torch.cuda.reset_peak_memory_stats()
         self.records.append(record)
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,10 +84,18 @@ class PhaseLog:
                                  "since_process_start_s": first["t"]}
         if steps:
             timed = steps[1:] or steps  # the first step carries compilation and allocation
+            step_records = [r for r in self.records if r["phase"] == "step"]
             out["steps"] = {"n": len(steps), "mean_s": round(statistics.fmean(timed), 3),
                             "median_s": round(statistics.median(timed), 3), "max_s": round(max(timed), 3),
-                            "slowest_step": next(r["step"] for r in self.records
-                                                 if r["phase"] == "step" and r["seconds"] == max(timed))}
+                            "slowest_step": next(r["step"] for r in step_records if r["seconds"] == max(timed))}
+            tokens = [r.get("tokens") for r in step_records[1:] or step_records]
+            if all(t is not None for t in tokens):  # real (non-padding) tokens the steps trained on
+                out["steps"]["tokens_per_s"] = round(sum(tokens) / sum(timed), 1)
+            peaks = [r["peak_gib"] for r in step_records if "peak_gib" in r]
+            if peaks:
+                out["steps"]["peak_gib"] = max(peaks)
+        if self.peak_gib:
+            out["peak_gib"] = self.peak_gib
         out["evals"] = [{k: v for k, v in r.items() if k not in ("phase", "pid")}
                         for r in self.records if r["phase"] == "eval"]
         out["saves"] = [{k: v for k, v in r.items() if k not in ("phase", "pid")}
@@ -95,8 +110,10 @@ def read_phases(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_step_clock(log: PhaseLog):
-    """Trainer callback: every optimizer step's wall time (CUDA-synchronised) and the first step of this process."""
+def make_step_clock(log: PhaseLog, tokens: dict[str, Any] | None = None):
+    """Trainer callback: every optimizer step's wall time (CUDA-synchronised) and the first step of this process.
+
+    `tokens["step_tokens"]`: a running count of the step's real tokens, kept by the trainer (read and reset here)."""
     import torch
     from transformers import TrainerCallback
 
@@ -114,9 +131,11 @@ def make_step_clock(log: PhaseLog):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.time() - self.t0
+            count = (tokens or {}).pop("step_tokens", None)
+            extra = {} if count is None else {"tokens": int(count)}
             if self.first:
-                log.event("first_step", seconds, step=state.global_step)
+                log.event("first_step", seconds, step=state.global_step, **extra)
                 self.first = False
-            log.event("step", seconds, step=state.global_step)
+            log.event("step", seconds, step=state.global_step, **extra)
 
     return StepClock()

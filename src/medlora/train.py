@@ -336,13 +336,16 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
             trainer_ref["save_started"] = time.time()  # CheckpointCommit records the save once committed
             return super()._save_checkpoint(*args, **kwargs)
 
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")  # real tokens of this micro-batch, summed on the device (no sync)
+            count = mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(inputs["input_ids"].numel())
+            trainer_ref["step_tokens"] = trainer_ref.get("step_tokens", 0) + count
+            loss = super().training_step(model, inputs, *args, **kwargs)
             trainer_ref["last_loss"] = loss.detach()  # for the non-finite message; no device sync here
             return loss
 
     trainer = MedloraSFTTrainer(model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                processing_class=tokenizer, callbacks=[callback, commit, signal_stop, non_finite, make_step_clock(phases)])
+                                processing_class=tokenizer, callbacks=[callback, commit, signal_stop, non_finite, make_step_clock(phases, trainer_ref)])
     trainer_ref["trainer"] = trainer
     trainer_ref["phases"] = phases
 
@@ -366,9 +369,13 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         audits["labels"] = audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops,
                                         None if options.enable_thinking else think)
         audits["tokens"] = audit_trained_tokens(model, tokenizer, train_ds, stops, think, options.enable_thinking)
-        small = trainer.data_collator([prepared[i] for i in range(min(len(prepared),
+        # a few examples reach every LoRA tensor (a routed expert's adapter is one tensor for all experts); the
+        # audit's loss projects every position onto the vocabulary in fp32 (batch x length x 131,072 floats,
+        # with their gradient: at batch 64 the likeliest cause of the 87.6 GiB peak of the first rehearsal)
+        small = trainer.data_collator([prepared[i] for i in range(min(len(prepared), 4,
                                                                       train_args.per_device_train_batch_size))])
-        audits["gradients"] = audit_gradients(trainer.model, small)
+        with phases.timed("gradient_audit"):
+            audits["gradients"] = audit_gradients(trainer.model, small)
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
 
     # The base model is scored on the same eval questions as the final adapter, so they compare directly.
@@ -421,7 +428,7 @@ def _train(model_args: ModelArguments, lora_args: LoraArguments, data_args: Data
         "lora": lora_counts,
         "log_history": trainer.state.log_history,
         "wall_time_s": round(time.time() - started, 1),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device is not None else None,
+        "peak_mem_gib": phases.peak_gib or None,  # the largest of the per-phase peaks (medlora.phases)
         "config": to_dict(model_args, lora_args, data_args, run_args, train_args),
         "versions": runinfo.versions(),
         "hardware": runinfo.hardware(),
