@@ -10,7 +10,8 @@ Each rank reads RANK / LOCAL_RANK / WORLD_SIZE from torchrun, loads the model on
 (cuda:LOCAL_RANK) and the Trainer wraps it in DistributedDataParallel. Only rank 0 prints and writes.
 """
 
-from medlora.cli import cmd_train, main_guard
+from medlora.cli import cmd_train
+from medlora.errors import main_guard
 
 
 @main_guard

@@ -12,7 +12,8 @@ Without an NVIDIA GPU it stops with one sentence (Unsloth imports only with CUDA
 
 import sys
 
-from medlora.cli import cmd_train, main_guard
+from medlora.cli import cmd_train
+from medlora.errors import main_guard
 
 
 @main_guard

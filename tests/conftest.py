@@ -43,7 +43,31 @@ def dev_path():
     return path
 
 
+def rel(a, b) -> float:
+    """Relative error |a - b| / |b| over the whole tensor (the tolerance measure of the equivalence tests)."""
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm().clamp_min(1e-12))
+
+
+def run_main(args, capsys):
+    """(exit code, stdout, stderr) of `medlora ARGS` in this process; an uncaught exception reads as a traceback."""
+    import traceback
+
+    from medlora.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    except Exception:  # noqa: BLE001 - what a user would see: a bare Python traceback
+        code = "traceback"
+        sys.stderr.write(traceback.format_exc())
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(args, cwd=ROOT, timeout=900, env=None):
+    """`medlora ARGS` in a new process (for what only a process shows: signals, imports, exit codes)."""
     import subprocess
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

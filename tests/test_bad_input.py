@@ -32,7 +32,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, run_main
 from medlora.data import DataError, load_medmcqa, write_skipped
 
 HUB_BASE = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
@@ -243,34 +243,7 @@ def test_accepted_input_is_reported_not_silently_changed(check, tmp_path):
     check(tmp_path)
 
 
-def test_output_dir_with_a_run_is_kept_unless_overwrite_or_resume(tmp_path):
-    from medlora.config import MedloraError
-    from medlora.train import check_output_dir
-
-    (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(MedloraError, match="already holds a run"):
-        check_output_dir(tmp_path, overwrite=False, resume=None)
-    check_output_dir(tmp_path, overwrite=True, resume=None)
-    check_output_dir(tmp_path, overwrite=False, resume="auto")
-
-
 # ---------------------------------------------------------------- the CLI, in-process
-
-
-def run_main(args, capsys) -> tuple[Any, str, str]:
-    """(exit code, stdout, stderr) of `medlora ARGS`; an uncaught exception reads as a traceback on stderr."""
-    from medlora.cli import main
-
-    code: Any = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    except Exception:  # noqa: BLE001 - what a user would see: a bare Python traceback
-        code = "traceback"
-        sys.stderr.write(traceback.format_exc())
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_refused(code, err: str, fragments) -> None:

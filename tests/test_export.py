@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import run_main
 from medlora.cli import main
 
 
@@ -16,16 +17,6 @@ def layout(folder):
         with safe_open(str(file), "pt") as fh:
             out.update({k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()})
     return out
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as err:
-        code = err.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +62,20 @@ def test_merged_model_equals_base_plus_adapter(exported):
 def test_export_never_overwrites_what_it_did_not_write(exported, tmp_path, capsys):
     out, run_dir, _ = exported
     adapter = str(run_dir / "adapter")
-    code, _, err = run(["export", "--adapter", adapter, "--output_dir", str(out)], capsys)
+    code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(out)], capsys)
     assert code == 2 and "previous export" in err and "--overwrite" in err
-    code, _, err = run(["export", "--adapter", adapter, "--output_dir", str(run_dir)], capsys)
+    code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(run_dir)], capsys)
     assert code == 2 and "not a medlora export" in err  # the run dir (the adapter's own) is never written into
     again = tmp_path / "again"
     shutil.copytree(out, again)
     (again / "notes.txt").write_text("mine")
-    code, _, err = run(["export", "--adapter", adapter, "--output_dir", str(again), "--overwrite", "true"], capsys)
+    code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(again), "--overwrite", "true"], capsys)
     assert code == 2 and "did not write (notes.txt)" in err and (again / "notes.txt").read_text() == "mine"
     (again / "notes.txt").unlink()
-    code, out_text, err = run(["export", "--adapter", adapter, "--output_dir", str(again), "--overwrite", "true",
+    code, out_text, err = run_main(["export", "--adapter", adapter, "--output_dir", str(again), "--overwrite", "true",
                                "--check_examples", "0"], capsys)
     assert code == 0 and "reload check skipped" in out_text, err
-    code, _, err = run(["export", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "x")], capsys)
+    code, _, err = run_main(["export", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "x")], capsys)
     assert code == 2 and "no adapter_config.json" in err
 
 
@@ -97,7 +88,7 @@ def test_bf16_export_is_within_the_stated_tolerance(cli_run, tmp_path, capsys):
     shutil.copytree(cache, base)
     weights = {k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()}
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    code, out_text, err = run(["export", "--adapter", str(run_dir / "adapter"), "--model_name_or_path", str(base),
+    code, out_text, err = run_main(["export", "--adapter", str(run_dir / "adapter"), "--model_name_or_path", str(base),
                                "--output_dir", str(tmp_path / "merged")], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "merged" / "medlora_export.json").read_text())

@@ -10,14 +10,11 @@ import copy
 import pytest
 import torch
 
+from conftest import rel
 from medlora import fast
 from medlora.config import LoraArguments
 
 LOGIT_RTOL, GRAD_RTOL = 1e-4, 1e-3
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -187,119 +184,6 @@ def test_fast_falls_back_with_a_message_on_cpu(capsys):
         fast.load_kernels(("warp_drive",), "cpu")
 
 
-def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
-    """`medlora bench` on CPU with the tiny model: per-backend batch sizes, lever variants, ratios in the JSON."""
-    import json
-
-    from conftest import SAMPLE, run_cli
-
-    proc = run_cli(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "fast[none]",
-                    "--backend_batch_size", "fast=8", "fast[none]=8", "--per_device_train_batch_size", "4",
-                    "--bench_steps", "2", "--bench_warmup_steps", "1", "--rounds", "1", "--optim", "adamw_torch",
-                    "--data_path", str(SAMPLE), "--results_dir", str(tmp_path / "results"),
-                    "--model_cache_dir", str(tmp_path / "models")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
-    by = {r["backend"]: r for r in out["results"]}
-    assert set(by) == {"hf", "fast", "fast[none]"}
-    assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
-    assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
-    assert by["fast[none]"]["backend_report"]["levers"] == []
-    assert by["fast"]["backend_report"]["levers"] == list(fast.DEFAULT_LEVERS)  # the levers `train` runs
-    assert "grouped" in by["fast"]["backend_report"]["kernels"]["moe_lora"]
-    assert "PEFT" in by["fast[none]"]["backend_report"]["kernels"]["moe_lora"]
-    assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()
-
-
-def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
-    """--in_memory (for nano-full, whose checkpoint does not fit the GPU machines' disk): nothing is saved."""
-    import json
-
-    from conftest import SAMPLE, run_cli
-
-    proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
-                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--nproc_per_node", "2",
-                    "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
-                    "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
-                    "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
-    assert out["config"]["bench"]["in_memory"] is True and not (tmp_path / "models").exists()
-    by = {r["backend"]: r for r in out["results"]}
-    assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
-    assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
-    # selective checkpointing reaches the fast forward; the profiled last step is reported, not timed
-    assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
-    assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
-    assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
-    # two DDP processes per worker (gloo): a step counts both ranks' examples; per GPU = total / 2
-    assert out["world_size"] == 2 and by["hf"]["world_size"] == 2
-    for r in by.values():
-        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2, abs=0.1)
-        # tokens and samples both count 2 x 4 examples per step: their ratio is a sample's length
-        assert 0.7 < r["tokens_per_s"] / r["samples_per_s"] / r["mean_tokens_per_sample"] < 1.3
-
-
-def test_bench_keeps_results_when_a_worker_fails(tmp_path, monkeypatch, capsys):
-    """A crashed worker is recorded as failed, the JSON is still written, and the command exits 2 naming it."""
-    import json
-    import subprocess
-
-    from conftest import SAMPLE
-    from medlora.cli import main
-
-    real_run = subprocess.run
-    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: subprocess.CompletedProcess(cmd, 1)
-                        if "--worker" in cmd else real_run(cmd, *a, **k))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "--rounds", "1", "--data_path", str(SAMPLE),
-              "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "worker(s) for hf, fast failed" in err and "Traceback" not in err
-    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
-    assert [(r["backend"], r["failed"], r["tokens_per_s"]) for r in out["results"]] == [("hf", True, None),
-                                                                                       ("fast", True, None)]
-
-
-def test_bench_loss_compares_lm_head_implementations(tmp_path, capsys):
-    import json
-
-    from medlora.cli import main
-
-    main(["bench-loss", "--positions", "20", "120", "--step_tokens", "120", "--hidden_size", "32", "--vocab_size",
-          "500", "--iters", "2", "--warmup", "1", "--results_dir", str(tmp_path)])
-    out = json.loads(next(tmp_path.glob("*.json")).read_text())
-    rows = {(r["positions"], r["impl"]): r for r in out["results"]}
-    for positions in (20, 120):
-        for impl in ("full_logits", "trl_chunked"):  # same maths in fp32 on CPU: equal to the reference
-            r = rows[positions, impl]
-            assert r["ms_median"] > 0 and r["loss_abs_diff_vs_fp32"] < 1e-5 and r["grad_rel_diff_vs_fp32"] < 1e-5
-        assert "needs CUDA" in rows[positions, "cce"]["skipped"] and "needs CUDA" in rows[positions, "liger"]["skipped"]
-    assert out["versions"]["trl"] and "| 20 | trl_chunked |" in next(tmp_path.glob("*.md")).read_text()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench-loss", "--positions", "500", "--step_tokens", "100", "--results_dir", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--positions" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--backends", "fast[warp]"], "unknown levers"),
-    (["--backends", "turbo"], "unknown backend"),
-    (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
-    (["--backends", "hf+triton"], "needs an NVIDIA GPU"),
-    (["--backends", "hf", "--backend_gradient_checkpointing", "hf=moe"], "are for fast backends"),
-    (["--backends", "fast", "--backend_gradient_checkpointing", "fast=ffn"], "bad value"),
-    (["--backends", "hf", "--in_memory", "true", "--model_spec", "nano-huge"], "--model_spec"),
-])
-def test_bench_refuses_bad_backend_options(args, message, capsys):
-    from conftest import SAMPLE
-    from medlora.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--model_spec", "tiny", "--data_path", str(SAMPLE), *args])  # no ../shared needed
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
-
-
 def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):
     import json
 
@@ -317,8 +201,8 @@ def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):
 
 
 def test_check_packed_notices_a_lost_or_altered_example():
-    from medlora.config import MedloraError
-    from medlora.train import check_packed
+    from medlora.audit import check_packed
+    from medlora.errors import MedloraError
 
     examples = [{"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}, {"input_ids": [8, 9], "completion_mask": [0, 1]}]
     good = [{"input_ids": [8, 9, 5, 6, 7], "labels": [-100, 9, -100, 6, 7], "seq_lengths": [2, 3]}]

@@ -209,18 +209,63 @@ def test_model_card_states_data_licence_metrics_and_not_medical_advice(reference
     assert (tmp_path / "card.md").read_text() == card
 
 
-def test_no_unsafe_loading_in_the_package():
-    """torch.load only with weights_only=True; no trust_remote_code=True default; adapters as safetensors."""
-    import re
+def torch_load_calls(path: Path) -> list[tuple[int, bool]]:
+    """(line, has weights_only=True) of every torch.load(...) call in a Python file, found with its AST."""
+    import ast
+
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords)
+            calls.append((node.lineno, safe))
+    return calls
+
+
+def test_no_unsafe_loading_in_the_package_or_the_resume_path():
+    """Every torch.load that medlora or a resume reaches (medlora, the Trainer's checkpoint loading) passes
+    weights_only=True, no pickle.load anywhere in medlora, and remote code stays off by default. Shown to fail:
+    a `torch.load(path)` added to a copy of medlora/train.py is reported with its line."""
+    import inspect
+
+    import transformers.trainer
+
+    from medlora.backends import load_for_training
+    from medlora.config import parse_config, training_sections
+    from medlora.model import load_model
+
+    package = sorted((ROOT / "src" / "medlora").glob("*.py"))
+    scanned = {p: torch_load_calls(p) for p in [*package, Path(transformers.trainer.__file__)]}
+    unsafe = [f"{p.name}:{line}" for p, calls in scanned.items() for line, safe in calls if not safe]
+    assert not unsafe, unsafe
+    assert sum(len(c) for c in scanned.values()) >= 5  # the resume path's loads were found: the scan sees calls
+    assert not [p.name for p in package if "pickle.load" in p.read_text()]
+    *_, train_args = parse_config(["--output_dir", "unused"], training_sections())
+    assert train_args.trust_remote_code is False
+    for func in (load_model, load_for_training):
+        assert inspect.signature(func).parameters["trust_remote_code"].default is False
+
+
+def test_remote_code_in_a_model_dir_is_never_run(tmp_path, tiny_dir):
+    """A model dir that asks for remote code (config auto_map + a .py next to it) is refused, its code unrun."""
+    import json
+    import shutil
 
     from medlora.config import ModelArguments
+    from medlora.errors import MedloraError
+    from medlora.model import load_model
 
-    for path in (ROOT / "src" / "medlora").glob("*.py"):
-        text = path.read_text()
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
-            assert "weights_only=True" in call, f"{path.name}: {call}"
-        assert "pickle.load" not in text, path.name
-    assert not getattr(ModelArguments(), "trust_remote_code", False)
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tiny_dir, crafted)
+    config = json.loads((crafted / "config.json").read_text())
+    marker = tmp_path / "code-ran"
+    config.update(model_type="crafted_lm", auto_map={"AutoConfig": "evil.Config",
+                                                     "AutoModelForCausalLM": "evil.Model"})
+    (crafted / "config.json").write_text(json.dumps(config))
+    (crafted / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(MedloraError, match="cannot load"):
+        load_model(ModelArguments(model_name_or_path=str(crafted)))
+    assert not marker.exists()
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_clear_line(tmp_path, capsys):

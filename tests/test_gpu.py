@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, rel, run_cli
 
 pytestmark = pytest.mark.gpu
 NANO_CACHE = os.environ.get("MEDLORA_BENCH_MODELS", str(ROOT / "outputs" / "bench-models"))
@@ -116,10 +116,8 @@ def test_adapter_round_trip_and_merge_on_nano_quarter(nano_quarter, tmp_path):
         merged32 = peft32(input_ids=ids).logits
     torch.testing.assert_close(merged32, reference, rtol=1e-3, atol=1e-3)
 
-    def rel(x):
-        return ((x - reference).norm() / reference.norm()).item()
-
-    assert rel(merged_bf16) <= 2 * rel(adapted) + 1e-2, (rel(merged_bf16), rel(adapted))
+    assert rel(merged_bf16, reference) <= 2 * rel(adapted, reference) + 1e-2, (rel(merged_bf16, reference),
+                                                                                rel(adapted, reference))
 
 
 def test_export_nano_quarter_bf16(nano_quarter, tmp_path):

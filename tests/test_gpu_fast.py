@@ -19,14 +19,10 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, rel
 from test_gpu import NANO_CACHE, _batch
 
 pytestmark = pytest.mark.gpu
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
 def report(name, **numbers):

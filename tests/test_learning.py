@@ -106,7 +106,7 @@ def hf_run(tmp_path_factory, tiny_dir):
 
 @pytest.mark.timeout(900)
 def test_lora_learns_a_synthetic_medmcqa_task_from_chance_to_95_percent(hf_run):
-    from medlora.train import load_training_data
+    from medlora.data import load_training_data
 
     tmp_path, metrics, (model_args, lora_args, data_args, run_args, train_args) = hf_run
 

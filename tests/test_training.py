@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 
 def test_sft_loss_on_cpu_equals_the_models_own_loss(tiny):
@@ -68,55 +68,16 @@ def test_adapter_reloads_to_identical_logits(cli_run, tiny_dir):
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
-def cli_in_process(args, capsys):
-    from medlora.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def test_second_run_into_same_output_dir_is_refused(cli_run, capsys):
     _, _, args, _ = cli_run
-    code, err = cli_in_process(args, capsys)
+    code, _, err = run_main(args, capsys)
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
-
-
-@pytest.mark.parametrize("yaml_text,match", [
-    ("lerning_rate: 0.1\n", "unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
-    ("max_steps: many\n", "invalid int value: 'many'"),
-    ("style: poetry\n", "--style must be 'plain' or 'chat'"),
-    ("- a\n- b\n", "must be a YAML mapping"),
-])
-def test_bad_config_is_one_clear_line(tmp_path, yaml_text, match, capsys):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml_text)
-    code, err = cli_in_process(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "o")], capsys)
-    assert code == 2 and match in err, err
-
-
-def test_missing_config_file(tmp_path, capsys):
-    code, err = cli_in_process(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
-    assert code == 2 and "does not exist" in err
-
-
-def test_cli_errors_have_no_traceback(tmp_path):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("lerning_rate: 0.1\n")
-    result = run_cli(["train", "--config", str(cfg)], timeout=300)
-    assert result.returncode == 2 and "did you mean" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_config_files_start_with_their_command():
-    for path in (ROOT / "configs").glob("*.yaml"):
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path
 
 
 def test_unsloth_backend_without_gpu_is_one_sentence(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    code, err = cli_in_process(["train", "--config", "configs/tiny.yaml", "--backend", "unsloth",
+    code, _, err = run_main(["train", "--config", "configs/tiny.yaml", "--backend", "unsloth",
                                 "--output_dir", str(tmp_path / "u")], capsys)
     assert code == 2 and "needs an NVIDIA GPU" in err and "--backend hf" in err
 
@@ -175,7 +136,7 @@ def test_base_checkpoint_trap_trains_the_document_separator(base_trap_dir, tmp_p
     assert "stop token '</s>' (id 2)" in out
     card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
     assert "Stop token (ends every trained answer): `</s>` (id 2)" in card
-    code, err = cli_in_process(["train", *base, "--stop_token", "<|im_end|>", "--output_dir", str(tmp_path / "forced")],
+    code, _, err = run_main(["train", *base, "--stop_token", "<|im_end|>", "--output_dir", str(tmp_path / "forced")],
                                capsys)
     assert code == 2 and err.count("medlora: error:") == 1 and "token audit failed" in err and "--stop_token auto" in err
     assert not (tmp_path / "forced" / "adapter").exists()

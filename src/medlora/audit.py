@@ -16,13 +16,9 @@ from typing import Any, Sequence
 
 import torch
 
-from medlora.config import MedloraError
+from medlora.errors import AuditError, MedloraError
 
 IGNORE_INDEX = -100
-
-
-class AuditError(MedloraError):
-    pass
 
 
 def audit_labels(
@@ -169,3 +165,56 @@ def audit_trained_tokens(model, tokenizer, examples, stop_ids: Sequence[int],
                          "chat template injected it into the answer, or the data holds it. Answers must not teach "
                          "the model to emit think tags (pass --enable_thinking true if that is what you want)")
     return {"trained_token_ids": len(counts), "stop_token_ids": list(stop_ids), "think_tag_examples": think_examples}
+
+
+def check_packed(prepared, train_ds) -> None:
+    """Every training example appears in TRL's packed rows exactly once, with the same tokens and labels."""
+    from collections import Counter
+
+    from medlora.data import masked_labels
+
+    want = Counter((tuple(e["input_ids"]), tuple(masked_labels(e))) for e in train_ds)
+    got: Counter = Counter()
+    for row in prepared:
+        start = 0
+        for n in row["seq_lengths"]:
+            got[(tuple(row["input_ids"][start:start + n]), tuple(row["labels"][start:start + n]))] += 1
+            start += n
+    if got != want:
+        raise AuditError(f"TRL packing changed the training set: {sum((want - got).values())} of {len(train_ds)} "
+                         f"examples missing or altered, {sum((got - want).values())} unexpected")
+
+
+def run_audits(trainer, train_ds, tokenizer, options, enabled: bool = True) -> dict[str, Any]:
+    """Before step 1: TRL kept every example; then (unless `enabled` is false) the label-mask, trained-token and
+    gradient-flow audits on the trainer's own collated batches."""
+    from medlora.data import masked_labels
+    from medlora.formatting import stop_token_ids, think_token_ids
+
+    prepared, args = trainer.train_dataset, trainer.args
+    if args.packing:
+        check_packed(prepared, train_ds)
+    elif len(prepared) != len(train_ds):  # TRL drops fully masked rows; none may vanish silently
+        raise AuditError(f"TRL dropped {len(train_ds) - len(prepared)} of {len(train_ds)} training examples")
+    if not enabled:
+        return {}
+    n = min(len(train_ds), max(args.per_device_train_batch_size, 8))
+    stops = stop_token_ids(tokenizer, options)
+    if args.packing:  # the label audit reads rows; packed rows were checked against them above
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        rows = [{"input_ids": train_ds[i]["input_ids"], "labels": masked_labels(train_ds[i])} for i in range(n)]
+        batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+    else:
+        batch = trainer.data_collator([prepared[i] for i in range(n)])
+    think = think_token_ids(tokenizer)
+    audits = {"labels": audit_labels(batch, [train_ds[i]["completion_mask"] for i in range(n)], stops,
+                                     None if options.enable_thinking else think)}
+    audits["tokens"] = audit_trained_tokens(trainer.model, tokenizer, train_ds, stops, think, options.enable_thinking)
+    # a few examples reach every LoRA tensor (a routed expert's adapter is one tensor for all experts); the
+    # audit's loss projects every position onto the vocabulary in fp32 (batch x length x 131,072 floats,
+    # with their gradient: at batch 64 the likeliest cause of the 87.6 GiB peak of the first rehearsal)
+    small = trainer.data_collator([prepared[i] for i in range(min(len(prepared), 4, args.per_device_train_batch_size))])
+    with trainer.phases.timed("gradient_audit"):
+        audits["gradients"] = audit_gradients(trainer.model, small)
+    return audits

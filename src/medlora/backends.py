@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from medlora.config import LoraArguments, MedloraError, ModelArguments
+from medlora.config import LoraArguments, ModelArguments
+from medlora.backend import Backend  # noqa: F401 - the loaders take it
+from medlora.errors import ConfigError, MedloraError
 
 def require_unsloth() -> None:
     import torch
@@ -31,20 +32,27 @@ def require_unsloth() -> None:
             from None
 
 
-def import_unsloth_first(argv: list[str]) -> None:
-    """Import Unsloth before transformers when the command asks for it (flag or YAML key)."""
-    backend = None
+def requested_backend(argv: list[str]) -> str | None:
+    """The `--backend` a command line asks for, before transformers is imported: the last flag, else the key in
+    the `--config` file (read with the same duplicate-refusing YAML loader as `parse_config`)."""
     flags = [i for i, a in enumerate(argv) if a == "--backend" and i + 1 < len(argv)]
     if flags:  # the last flag wins, as in parse_config
-        backend = argv[flags[-1] + 1]
-    elif "--config" in argv and argv.index("--config") + 1 < len(argv):
+        return argv[flags[-1] + 1]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        from medlora.config import read_yaml_mapping
+
         try:
-            text = open(argv[argv.index("--config") + 1], encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError):
-            return  # parse_config reports the missing or unreadable file
-        match = re.search(r"^backend:\s*['\"]?(\w+)", text, re.MULTILINE)
-        backend = match.group(1) if match else None
-    if backend == "unsloth":
+            config = read_yaml_mapping(argv[argv.index("--config") + 1])
+        except ConfigError:
+            return None  # parse_config reports the bad file
+        value = config.get("backend")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def import_unsloth_first(argv: list[str]) -> None:
+    """Import Unsloth before transformers when the command asks for it (flag or YAML key)."""
+    if requested_backend(argv) == "unsloth":
         require_unsloth()
 
 
@@ -104,34 +112,38 @@ def unsloth_report(model, log: str) -> dict[str, Any]:
     return {"log": lines[:60], "patched_module_classes": sorted(patched)[:40]}
 
 
-def load_for_training(backend: str, model_args: ModelArguments, lora_args: LoraArguments, max_length: int,
-                      gradient_checkpointing: bool, seed: int, device=None,
-                      trust_remote_code: bool = False, fast_levers=None,
-                      fast_arch: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
+def load_for_training(backend: Backend, model_args: ModelArguments, lora_args: LoraArguments, *, max_length: int,
+                      gradient_checkpointing: bool | tuple[str, ...], seed: int, device=None,
+                      trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(LoRA-wrapped model, tokenizer, backend report): the one loading path of `train` and `bench`.
 
-    `fast` loads exactly what `hf` loads (same weights, same PEFT adapters) and then switches the
-    backbone's forward to `medlora.fast`; with it, activation checkpointing is done per block by
-    medlora, so the caller must leave the Trainer's own checkpointing off.
+    `fast` loads exactly what `hf` loads (same weights, same PEFT adapters) and then switches the backbone's
+    forward to `medlora.fast`; with it (and with Unsloth) activation checkpointing is the backend's own, so the
+    Trainer's must stay off (`trainer.build_sft_config` does that). For fast, `gradient_checkpointing` may name
+    block kinds (selective checkpointing).
     """
-    if backend == "unsloth":
-        return load_unsloth(model_args, lora_args, max_length, gradient_checkpointing, seed)
+    if backend.is_unsloth:
+        return load_unsloth(model_args, lora_args, max_length, bool(gradient_checkpointing), seed)
     from medlora.model import load_model
 
     model, tokenizer = load_model(model_args, device=device, trust_remote_code=trust_remote_code)
-    model, report = wrap_for_training(backend, model, lora_args, gradient_checkpointing, fast_levers, fast_arch)
+    model, report = wrap_for_training(backend, model, lora_args, gradient_checkpointing)
     return model, tokenizer, report
 
 
-def wrap_for_training(backend: str, model, lora_args: LoraArguments, gradient_checkpointing: bool,
-                      fast_levers=None, fast_arch: str = "auto") -> tuple[Any, dict[str, Any]]:
+def wrap_for_training(backend: Backend, model, lora_args: LoraArguments,
+                      gradient_checkpointing: bool | tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
     """(PEFT model, backend report) for a loaded transformers model: `hf` and `fast` (Unsloth wraps its own)."""
     from medlora.model import apply_lora
 
     model = apply_lora(model, lora_args)
-    if backend != "fast":
-        return model, {}
+    report: dict[str, Any] = {}
+    if backend.triton_mamba_ops:
+        from medlora.fast import patch_hf_mamba_ops
+
+        report = patch_hf_mamba_ops()
+    if not backend.is_fast:
+        return model, report
     from medlora import fast
 
-    levers = tuple(fast.DEFAULT_LEVERS if fast_levers is None else fast_levers)
-    return model, fast.enable(model, levers, gradient_checkpointing, fast_arch)
+    return model, fast.enable(model, backend.levers, gradient_checkpointing, backend.gpu_arch)

@@ -27,24 +27,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from medlora.config import LoraArguments, MedloraError
+from medlora.config import LoraArguments
+from medlora.model import NANO_CONFIG, NANO_PATTERN, SPECS, build_in_memory  # noqa: F401 - the bench's specs
+from medlora.errors import MedloraError
 
 MEDMCQA_TRAIN_QUESTIONS = 182_822
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-# NVIDIA-Nemotron-3-Nano-30B-A3B (config.json of the hub checkpoint): widths used for random-weight specs.
-NANO_CONFIG = dict(
-    vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-    intermediate_size=1856, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
-    chunk_size=128, conv_kernel=4, expand=2, n_routed_experts=128, num_experts_per_tok=6,
-    moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_shared_experts=1,
-    routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1, mlp_hidden_act="relu2",
-    max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    use_conv_bias=True, mamba_proj_bias=False, use_bias=False, layer_norm_epsilon=1e-5,
-)
-NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
-
-
 @dataclass
 class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
@@ -79,6 +67,34 @@ class BenchArguments:
     seed: int = field(default=0, metadata={"help": "seed"})
     tag: str = field(default="", metadata={"help": "suffix for the result file name"})
 
+    def validate(self) -> None:
+        """Everything checkable before a worker starts (each a ConfigError naming the option)."""
+        import torch
+
+        from medlora.backend import Backend
+        from medlora.config import need
+
+        need(bool(self.backends), "--backends: name at least one backend")
+        for spec in self.backends:
+            backend = Backend.parse(spec)
+            batch, _ = settings_for(self, spec)
+            need(batch >= 1, f"--backend_batch_size / --per_device_train_batch_size for {spec}: must be positive, "
+                 f"got {batch}")
+            need(not (backend.is_unsloth and not torch.cuda.is_available()),
+                 "--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
+            need(not (backend.triton_mamba_ops and not torch.cuda.is_available()),
+                 "--backends hf+triton needs an NVIDIA GPU (its Mamba2 ops are Triton kernels)")
+            need(not (self.in_memory and backend.is_unsloth),
+                 "--in_memory: Unsloth loads only from a saved model dir; bench it without --in_memory")
+        need(not (self.nproc_per_node > 1 and torch.cuda.is_available()
+                  and torch.cuda.device_count() < self.nproc_per_node),
+             f"--nproc_per_node {self.nproc_per_node}: this machine has {torch.cuda.device_count()} GPU(s)")
+        for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17),
+                          ("nproc_per_node", 1)):
+            need(getattr(self, name) >= low, f"--{name} must be >= {low}, got {getattr(self, name)}")
+        need(not self.in_memory or self.model_spec in ("tiny", *SPECS),
+             f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {self.model_spec!r}")
+
 
 def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
     """Nemotron-3-Nano widths, random bf16 weights, first N layers of the hybrid pattern; saved once.
@@ -103,28 +119,6 @@ def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
 
     stamp = {"spec": spec, "pattern": SPECS[spec], "seed": seed, "init": "build_in_memory"}
     return write_model_dir(Path(cache_dir) / spec, stamp, write)
-
-
-def build_in_memory(spec: str, seed: int, device):
-    """(model, tokenizer): the random model of `spec` built straight on `device` in bf16 (fp32 on CPU), no disk."""
-    import torch
-    from transformers import AutoModelForCausalLM, NemotronHConfig
-
-    from medlora.model import build_tiny_tokenizer, tiny_config_dict
-
-    if spec == "tiny":
-        config = NemotronHConfig(**tiny_config_dict())
-    elif spec in SPECS:
-        config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
-    else:
-        raise MedloraError(f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {spec!r}")
-    torch_device = torch.device(device if device is not None else "cpu")
-    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    torch.manual_seed(seed)
-    with torch_device:  # parameters are created in `dtype` on the device: no fp32 copy of 31.6 B weights
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config.use_cache = False
-    return model, build_tiny_tokenizer()
 
 
 def model_path_for(args: BenchArguments) -> str:
@@ -167,32 +161,6 @@ def peak_tflops(gpu_name: str | None) -> float | None:
     return None
 
 
-def parse_backend(spec: str) -> tuple[str, tuple[str, ...] | None, str]:
-    """'fast[triton_mamba+varlen_attention]@sm80' -> ('fast', levers, 'sm80'); 'hf', 'unsloth', 'hf+triton' ->
-    (name, None, 'auto'). `@sm80` runs fast with the kernels it picks on an A100 (medlora.kernels)."""
-    from medlora.fast import DEFAULT_LEVERS, LEVERS
-
-    spec, _, arch = spec.partition("@")
-    arch = arch or "auto"
-    if arch not in ("auto", "sm80"):
-        raise MedloraError(f"--backends {spec}@{arch}: the architecture suffix must be @sm80")
-    if spec in ("hf", "unsloth", "hf+triton"):
-        if arch != "auto":
-            raise MedloraError(f"--backends {spec}@{arch}: an architecture suffix is for fast backends only")
-        return spec, None, arch
-    if spec == "fast":  # what `medlora train --backend fast` runs (before 2026-12-01 the bench meant every lever)
-        return "fast", tuple(DEFAULT_LEVERS), arch
-    if spec.startswith("fast[") and spec.endswith("]"):
-        inner = spec[5:-1]
-        levers = () if inner in ("", "none") else tuple(inner.split("+"))
-        unknown = set(levers) - set(LEVERS)
-        if not unknown:
-            return "fast", levers, arch
-        raise MedloraError(f"--backends {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
-    raise MedloraError(f"--backends: unknown backend {spec!r} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
-                       "hf+triton)")
-
-
 def per_backend(entries: list[str], spec: str, default, cast, option: str):
     for entry in entries:
         name, sep, value = entry.partition("=")
@@ -216,21 +184,23 @@ def _bool(text: str) -> bool:
 
 def _checkpointing(text: str) -> bool | tuple[str, ...]:
     """true / false, or block kinds joined by '+' (selective checkpointing, backend fast)."""
-    from medlora.config import FAST_CHECKPOINT_BLOCKS
+    from medlora.fast import CHECKPOINT_BLOCKS
 
     try:
         return _bool(text)
     except ValueError:
         kinds = tuple(text.split("+"))
-        if not set(kinds) <= set(FAST_CHECKPOINT_BLOCKS):
+        if not set(kinds) <= set(CHECKPOINT_BLOCKS):
             raise ValueError(text) from None
         return kinds
 
 
 def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool | tuple[str, ...]]:
+    from medlora.backend import Backend
+
     checkpointing = per_backend(args.backend_gradient_checkpointing, spec, args.gradient_checkpointing,
                                 _checkpointing, "backend_gradient_checkpointing")
-    if isinstance(checkpointing, tuple) and parse_backend(spec)[0] != "fast":
+    if isinstance(checkpointing, tuple) and not Backend.parse(spec).is_fast:
         raise MedloraError(f"--backend_gradient_checkpointing {spec}={'+'.join(checkpointing)}: block kinds "
                            "(selective checkpointing) are for fast backends; use true or false")
     return (per_backend(args.backend_batch_size, spec, args.per_device_train_batch_size, int, "backend_batch_size"),
@@ -240,25 +210,44 @@ def settings_for(args: BenchArguments, spec: str) -> tuple[int, bool | tuple[str
 # ---------------------------------------------------------------- worker (one backend, one process)
 
 
+def bench_sft_config(args: BenchArguments, backend, batch: int, checkpointing, output_dir: str):
+    """The SFTConfig a bench worker trains with: the bench's measuring choices (no eval, no saves, a sequential
+    sampler, constant LR), then `trainer.build_sft_config` — the rules every `medlora train` run follows."""
+    import torch
+    from trl import SFTConfig
+
+    from medlora.trainer import build_sft_config
+
+    cuda = torch.cuda.is_available()
+    raw = SFTConfig(
+        output_dir=output_dir, max_steps=args.bench_warmup_steps + args.bench_steps,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        gradient_checkpointing=bool(checkpointing), bf16=cuda, use_cpu=not cuda, optim=args.optim,
+        max_length=args.max_length, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
+    )
+    return build_sft_config(raw, backend, say=lambda *_: None)
+
+
 def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str, Any]:
-    backend, levers, arch = parse_backend(spec)
+    from medlora.backend import Backend
+
+    backend = Backend.parse(spec)
     batch, checkpointing = settings_for(args, spec)
-    if backend == "unsloth":
+    if backend.is_unsloth:
         from medlora.backends import require_unsloth
 
         require_unsloth()  # first: Unsloth must patch transformers/TRL before they are imported
     import torch
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from medlora.compat import patch_trl_cpu_loss
-    from medlora.config import ModelArguments
-    from medlora.data import load_medmcqa
-    from medlora.formatting import FormatOptions
-    from medlora.backends import load_for_training
-    from medlora.train import tokenize_rows
 
     from medlora import runinfo
+    from medlora.backends import load_for_training, wrap_for_training
+    from medlora.config import ModelArguments
+    from medlora.data import load_medmcqa, tokenize_rows
+    from medlora.formatting import FormatOptions
+    from medlora.trainer import build_trainer
 
     path = args.model_spec if args.in_memory else model_path_for(args)
     model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
@@ -266,25 +255,16 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     world = runinfo.world_size()
     device = torch.device("cuda", runinfo.local_rank()) if cuda else None
     started = time.time()
-    patched = {}
-    if backend == "hf+triton":
-        from medlora.fast import patch_hf_mamba_ops
-
-        patched = patch_hf_mamba_ops()
     if args.in_memory:
-        from medlora.backends import wrap_for_training
-
         model, tokenizer = build_in_memory(args.model_spec, args.seed, device)
         if args.experts_implementation:
             model.set_experts_implementation(args.experts_implementation)
-        model, report = wrap_for_training("hf" if backend == "hf+triton" else backend, model, lora, checkpointing,
-                                          levers, arch)
+        model, report = wrap_for_training(backend, model, lora, checkpointing)
         report = {"model": f"built in memory (random, seed {args.seed})", **report}
     else:
-        model, tokenizer, report = load_for_training("hf" if backend == "hf+triton" else backend, model_args, lora,
-                                                     args.max_length, checkpointing, args.seed,
-                                                     device, fast_levers=levers, fast_arch=arch)
-    report = {**report, **patched}
+        model, tokenizer, report = load_for_training(backend, model_args, lora, max_length=args.max_length,
+                                                     gradient_checkpointing=checkpointing, seed=args.seed,
+                                                     device=device)
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
@@ -293,18 +273,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     dataset = dataset.select(range(min(need, len(dataset))))
     if len(dataset) < need:
         raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, the bench needs {need}")
-
-    patch_trl_cpu_loss()
-    config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="medlora-bench-"), max_steps=steps,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        gradient_checkpointing=bool(checkpointing) and backend in ("hf", "hf+triton"),  # others do it themselves
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda, use_cpu=not cuda,
-        optim=args.optim if cuda else "adamw_torch", max_length=args.max_length, completion_only_loss=True,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=args.seed, disable_tqdm=True,
-    )
+    config = bench_sft_config(args, backend, batch, checkpointing, tempfile.mkdtemp(prefix="medlora-bench-"))
     step_times: list[float] = []
     profile: list[dict[str, Any]] = []
 
@@ -329,8 +298,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
             step_times.append(time.perf_counter() - self.t0)  # profiled: reported, not timed (see timed_steps)
             profile.extend(top_kernels(self.profiler, cuda))
 
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[StepTimer()])
+    trainer = build_trainer(model, tokenizer, config, dataset, callbacks=[StepTimer()])  # train's trainer class
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train()
@@ -358,7 +326,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "params": active_params(base_model),
         "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
         "too_long_left_out": len(too_long),
-        "gradient_checkpointing": "unsloth" if backend == "unsloth" and checkpointing
+        "gradient_checkpointing": "unsloth" if backend.is_unsloth and checkpointing
         else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
         "backend_report": report,
     }
@@ -421,15 +389,6 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
     }
 
 
-def new_result_path(results_dir: str | Path, day: str, gpu: str | None, name: str) -> Path:
-    """RESULTS_DIR/<date>-<gpu>-<name>.json, with the time appended if that file exists (never overwritten)."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{day}-{(gpu or 'cpu').replace('NVIDIA ', '').replace(' ', '-').lower()}-{name}"
-    path = results_dir / f"{stem}.json"
-    return results_dir / f"{stem}{time.strftime('-%H%M%S')}.json" if path.exists() else path
-
-
 def free_port() -> int:
     import socket
 
@@ -439,40 +398,20 @@ def free_port() -> int:
 
 
 def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
-    import torch
-
     from medlora import runinfo
+    from medlora.backend import Backend
 
-    for spec in args.backends:
-        backend, _, _ = parse_backend(spec)
-        batch, _ = settings_for(args, spec)
-        if batch < 1:
-            raise MedloraError(f"--backend_batch_size / --per_device_train_batch_size for {spec}: must be positive, "
-                               f"got {batch}")
-        if backend == "unsloth" and not torch.cuda.is_available():
-            raise MedloraError("--backends unsloth needs an NVIDIA GPU (Unsloth imports only with CUDA)")
-        if backend == "hf+triton" and not torch.cuda.is_available():
-            raise MedloraError("--backends hf+triton needs an NVIDIA GPU (its Mamba2 ops are Triton kernels)")
-    if args.nproc_per_node > 1 and torch.cuda.is_available() and torch.cuda.device_count() < args.nproc_per_node:
-        raise MedloraError(f"--nproc_per_node {args.nproc_per_node}: this machine has {torch.cuda.device_count()} "
-                           "GPU(s)")
-    for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17),
-                      ("nproc_per_node", 1)):
-        if getattr(args, name) < low:
-            raise MedloraError(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if not args.backends:
-        raise MedloraError("--backends: name at least one backend")
     from medlora.data import load_medmcqa
 
+    args.validate()
     load_medmcqa(args.data_path, evaluation=True)  # a bad data file is reported here, not in every worker
-    if args.in_memory and args.model_spec not in ("tiny", *SPECS):
-        raise MedloraError(f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {args.model_spec!r}")
-    if args.in_memory and any(parse_backend(b)[0] == "unsloth" for b in args.backends):
-        raise MedloraError("--in_memory: Unsloth loads only from a saved model dir; bench it without --in_memory")
     if not args.in_memory:
         model_path_for(args)  # build once, before the timed workers
     runs: dict[str, list] = {b: [] for b in args.backends}
     payload = json.dumps({"bench": asdict(args), "lora": asdict(lora)})
+    gpu = runinfo.hardware().get("gpu")
+    json_path = runinfo.new_result_path(args.results_dir, date.today().isoformat(), gpu,
+                                        args.model_spec + (f"-{args.tag}" if args.tag else ""))
     for round_index in range(args.rounds):
         for backend in args.backends:  # alternate: hf, unsloth, hf, unsloth, ...
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
@@ -486,11 +425,30 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
             if proc.returncode != 0:  # recorded, and the other backends still run: a long bench keeps its results
                 runs[backend].append({"backend": backend, "failed": True,
                                       "error": f"worker exited {proc.returncode}; its output is in the log above"})
-                continue
-            runs[backend].append(json.loads(Path(result_path).read_text()))
+            else:
+                runs[backend].append(json.loads(Path(result_path).read_text()))
+            # written after every worker: a bench stopped half-way (a time limit) keeps what it measured
+            out = write_results(args, lora, {b: r for b, r in runs.items() if r}, json_path)
+    from medlora.bench_report import markdown_table
+
+    print(markdown_table(out))
+    print(f"wrote {json_path} (+ .md, .png)")
+    failed = [r["backend"] for r in out["results"] if r.get("failed")]
+    if failed:
+        raise MedloraError(f"bench: worker(s) for {', '.join(failed)} failed (output above); the other backends' "
+                           f"results are in {json_path}")
+    return json_path
+
+
+def write_results(args: BenchArguments, lora: LoraArguments, runs: dict[str, list], json_path: Path) -> dict:
+    """The bench JSON (+ Markdown table and PNG chart) of the workers run so far."""
+    from medlora import runinfo
+    from medlora.backend import Backend
+    from medlora.bench_report import markdown_table, plot
+
     hw = runinfo.hardware()
     gpu = hw.get("gpu")
-    results = [summarise_backend(runs[b], settings_for(args, b)[0], gpu) for b in args.backends]
+    results = [summarise_backend(runs[b], settings_for(args, b)[0], gpu) for b in runs]
     for r in results:
         r["model"] = args.model_spec
     out = {
@@ -498,72 +456,18 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
         "versions": runinfo.versions(), "hardware": hw, "config": {"bench": asdict(args), "lora": asdict(lora)},
         "mfu_formula": "tokens/s per GPU * (6*N_active + 12*L_attn*d_attn*T) / peak_bf16; N_active counts routed "
                        "experts as top_k/n_experts, excludes input embeddings",
+        "complete": all(len(runs.get(b, [])) == args.rounds for b in args.backends),
         "results": results,
     }
     for base in results:  # every backend against the plain stacks it should beat
-        if base["backend"] in ("hf", "unsloth", "hf+triton") and base["tokens_per_s"]:
+        if not Backend.parse(base["backend"]).is_fast and base["tokens_per_s"]:
             for r in results:
                 if r["tokens_per_s"]:
                     r["speedup_vs_" + base["backend"]] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-    json_path = new_result_path(args.results_dir, out["date"], gpu,
-                                args.model_spec + (f"-{args.tag}" if args.tag else ""))
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     json_path.with_suffix(".md").write_text(markdown_table(out) + "\n")
     plot(out, json_path.with_suffix(".png"))
-    print(markdown_table(out))
-    print(f"wrote {json_path} (+ .md, .png)")
-    failed = [r["backend"] for r in results if r.get("failed")]
-    if failed:
-        raise MedloraError(f"bench: worker(s) for {', '.join(failed)} failed (output above); the other backends' "
-                           f"results are in {json_path}")
-    return json_path
-
-
-def markdown_table(out: dict[str, Any]) -> str:
-    v = out["versions"]
-    cfg = out["config"]["bench"]
-    lines = [
-        f"{out['date']} · {out['gpu'] or 'CPU'} · world size {out['world_size']} · model {cfg['model_spec']} · "
-        f"batch {cfg['per_device_train_batch_size']} · max_length {cfg['max_length']} · "
-        f"experts {cfg['experts_implementation']} · torch {v['torch']} · transformers {v['transformers']} · "
-        f"trl {v['trl']} · peft {v['peft']} · unsloth {v['unsloth']}",
-        "",
-        "| backend | batch | checkpointing | tokens/s | per GPU | vs hf | vs unsloth | trained tok/s | samples/s "
-        "| step s (median) | peak GiB | MFU | trainable | epoch h (182,822 q) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in out["results"]:
-        if r.get("oom") or r.get("failed"):
-            what = "out of memory" if r.get("oom") else "failed"
-            lines.append(f"| {r['backend']} | {r['batch_size']} | | {what} | | | | | | | | | | |")
-            continue
-        mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
-        ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("speedup_vs_hf", "speedup_vs_unsloth"))
-        lines.append(f"| {r['backend']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
-                     f"{r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {ratios} | {r['trained_tokens_per_s']:,.0f} | "
-                     f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
-                     f"{r['trainable_params']:,} | {r['epoch_hours_medmcqa_train']} |")
-    return "\n".join(lines)
-
-
-def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["backend"] + (" (OOM)" if r.get("oom") else " (failed)" if r.get("failed") else "")
-             for r in out["results"]]
-    values = [r["tokens_per_s"] or 0 for r in out["results"]]
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3))
-    bars = ax.bar(names, values, color=(["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"] * 3)[: len(names)])
-    ax.tick_params(axis="x", labelsize=7, rotation=20)
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
-    ax.set_ylabel("tokens/s (non-padding)")
-    ax.set_title(f"{out['config']['bench']['model_spec']} on {out['gpu'] or 'CPU'}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return out
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -583,6 +487,6 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        from medlora.config import main_guard
+        from medlora.errors import main_guard
 
         main_guard(_worker_main)(sys.argv[2:])  # expected errors: one line and exit 2, as in the CLI

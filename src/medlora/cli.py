@@ -1,171 +1,49 @@
-"""`medlora` command line: prepare, inspect, train, eval, ask, build-tiny.
+"""`medlora` command line: one table of commands, each parsed through the same dataclass machinery.
 
-Every subcommand takes `--config FILE.yaml` plus flags named after the dataclass fields in
-`medlora.config` (Hugging Face names for training: --output_dir, --max_steps, ...).
+Every command takes `--config FILE.yaml` plus flags named after the fields of its dataclasses (Hugging Face
+names for training: --output_dir, --max_steps, ...); each dataclass validates its own fields. A leading
+positional argument is accepted where a command has one (`ask QUESTION`, `build-tiny DIR`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from medlora.config import (ConfigError, DataArguments, EvalArguments, LoraArguments, MedloraError,
-                            ModelArguments, PrepareArguments, main_guard, parse_config, training_sections,
-                            validate)
+from medlora.config import (DataArguments, EvalArguments, LoraArguments, ModelArguments, PrepareArguments, need,
+                            parse_config, training_sections, validate)
+from medlora.errors import ConfigError, MedloraError, main_guard
 
-USAGE = """usage: medlora <command> [--config FILE.yaml] [--flag value ...]
-
-commands:
-  prepare     validate, clean, split and save MedMCQA data (Arrow) with statistics
-  inspect     show tokenised training examples with the loss mask (debug view)
-  train       LoRA fine-tuning (TRL SFTTrainer + PEFT); writes adapter/ and metrics.json
-  eval        MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json
-  ask         answer one question with the exact training prompt
-  bench       time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results
-  bench-loss  time the LM head + cross-entropy alone per implementation (TRL, full logits, CCE, Liger)
-  report      (re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json
-  export      merge an adapter into the base and write a servable checkpoint in the hub's layout
-  rehearse    the real recipe end to end (train, SIGTERM, resume, eval, export), every phase timed
-  env         this machine's GPU, libraries and the kernel each backend will use (and why)
-  setup-kernels  fetch (or take --from a file) the pinned Triton kernels of backend fast into the cache
-  build-tiny  write the offline tiny Nemotron-H + tokenizer to a directory
-
-`medlora <command> --help` lists the flags of a command."""
+# ---------------------------------------------------------------- the commands' own arguments
 
 
-def _sections_help(argv: Sequence[str], sections, prog: str) -> None:
-    if "-h" in argv or "--help" in argv:
-        from transformers import HfArgumentParser
+@dataclass
+class AskArguments:
+    question: str = field(metadata={"help": "the question (also accepted as the first, positional argument)"})
+    options: list[str] = field(default_factory=list, metadata={"help": "the four options A B C D"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter dir; omit to ask the base model"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens generated after the prompt"})
 
-        HfArgumentParser(sections, prog=prog).print_help()
-        sys.exit(0)
-
-
-def cmd_train(argv: Sequence[str]) -> None:
-    from medlora.backends import import_unsloth_first
-
-    import_unsloth_first(list(argv))  # before transformers/TRL are imported, so Unsloth can patch them
-    sections = training_sections()
-    _sections_help(argv, sections, "medlora train")
-    model, lora, data, run, train_args = parse_config(argv, sections, "medlora train")
-    from medlora.train import train
-
-    train(model, lora, data, run, train_args)
+    def validate(self) -> None:
+        need(len(self.options) == 4, f"--options: expected 4 arguments (A B C D), got {len(self.options)}")
+        need(self.max_new_tokens >= 1, f"--max_new_tokens must be positive, got {self.max_new_tokens}")
 
 
-def cmd_eval(argv: Sequence[str]) -> None:
-    sections = (ModelArguments, DataArguments, EvalArguments)
-    _sections_help(argv, sections, "medlora eval")
-    model_args, data_args, eval_args = parse_config(argv, sections, "medlora eval", training_sections())
-    validate(model=model_args, data=data_args)
-    from medlora.evaluate_cli import run_eval
+@dataclass
+class InspectArguments:
+    num_examples: int = field(default=3, metadata={"help": "training examples to show"})
 
-    run_eval(model_args, data_args, eval_args)
+    def validate(self) -> None:
+        need(self.num_examples >= 1, f"--num_examples needs a positive integer, got {self.num_examples}")
 
 
-def cmd_prepare(argv: Sequence[str]) -> None:
-    sections = (ModelArguments, DataArguments, PrepareArguments)
-    _sections_help(argv, sections, "medlora prepare")
-    model_args, data_args, prep_args = parse_config(argv, sections, "medlora prepare", training_sections())
-    validate(model=model_args, data=data_args)
-    from medlora.prepare import prepare
-
-    prepare(model_args, data_args, prep_args)
-
-
-def cmd_inspect(argv: Sequence[str]) -> None:
-    argv = list(argv)
-    n = 3
-    if "--num_examples" in argv:
-        i = argv.index("--num_examples")
-        value = argv[i + 1] if i + 1 < len(argv) else ""
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"--num_examples needs a positive integer, got {value or 'nothing'!r}")
-        n = int(value)
-        del argv[i : i + 2]
-    sections = (ModelArguments, DataArguments)
-    _sections_help(argv, sections, "medlora inspect")
-    model_args, data_args = parse_config(argv, sections, "medlora inspect", training_sections())
-    validate(model=model_args, data=data_args)
-    from medlora.formatting import encode_example, render_example
-    from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
-    from medlora.train import describe_format, load_training_data, resolve_format
-
-    tokenizer = load_tokenizer(model_args)
-    options, fmt = resolve_format(data_args, tokenizer, checkpoint_zero_rows(resolve_model_path(model_args)))
-    print("format:", describe_format(fmt))
-    rows = load_training_data(data_args).train_rows
-    for row in rows[:n]:
-        example = encode_example(tokenizer, row, options)
-        trained = sum(example["completion_mask"])
-        print(f"--- {row['id']} ({row['source']}:{row['line']}): {len(example['input_ids'])} tokens, {trained} trained")
-        print(render_example(tokenizer, example))
-        print("trained ids:", [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m])
-
-
-def cmd_ask(argv: Sequence[str]) -> None:
-    import argparse
-
-    class AskParser(argparse.ArgumentParser):  # one "medlora: error:" line, like every other command
-        def error(self, message):
-            raise ConfigError(f"medlora ask: {message}")
-
-    parser = AskParser(prog="medlora ask", add_help=False)
-    parser.add_argument("question")
-    parser.add_argument("--options", nargs=4, required=True, metavar=("A", "B", "C", "D"))
-    parser.add_argument("--adapter", default=None)
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    if argv and argv[0] in ("-h", "--help"):
-        parser.print_help()
-        sys.exit(0)
-    known, rest = parser.parse_known_args(argv)
-    model_args, data_args = parse_config(rest, (ModelArguments, DataArguments), "medlora ask", training_sections())
-    validate(model=model_args, data=data_args)
-    import json
-
-    from medlora.evaluate import answer
-    from medlora.evaluate_cli import eval_format, load_for_eval
-
-    from medlora.data import DataError, row_problem
-    from medlora.formatting import OPTION_FIELDS
-
-    row = {"question": known.question, **dict(zip(OPTION_FIELDS, known.options)), "id": "ask"}
-    problem = row_problem(row, required=("question", *OPTION_FIELDS))
-    if problem:
-        raise DataError(f"medlora ask: field '{problem[0]}': {problem[1]}")
-    model, tokenizer = load_for_eval(model_args, known.adapter)
-    options, _ = eval_format(data_args, known.adapter, tokenizer, model)
-    result = answer(model, tokenizer, row, options, known.max_new_tokens)
-    print(result["prompt"])
-    print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
-
-
-def cmd_bench(argv: Sequence[str]) -> None:
-    from medlora.benchmark import BenchArguments, run_bench
-
-    sections = (BenchArguments, LoraArguments)
-    _sections_help(argv, sections, "medlora bench")
-    bench_args, lora_args = parse_config(argv, sections, "medlora bench")
-    validate(lora=lora_args)
-    run_bench(bench_args, lora_args)
-
-
-def cmd_bench_loss(argv: Sequence[str]) -> None:
-    from medlora.loss_bench import LossBenchArguments, run_loss_bench
-
-    _sections_help(argv, (LossBenchArguments,), "medlora bench-loss")
-    (args,) = parse_config(argv, (LossBenchArguments,), "medlora bench-loss")
-    run_loss_bench(args)
-
-
-def cmd_report(argv: Sequence[str]) -> None:
-    from medlora.modelcard import ReportArguments, write_model_card
-
-    _sections_help(argv, (ReportArguments,), "medlora report")
-    (args,) = parse_config(argv, (ReportArguments,), "medlora report")
-    print(write_model_card(args.run_dir, args.output))
+@dataclass
+class BuildTinyArguments:
+    output_dir: str = field(default=ModelArguments().tiny_cache_dir, metadata={
+        "help": "where the tiny model goes (also accepted as the first, positional argument)"})
 
 
 @dataclass
@@ -181,15 +59,107 @@ class SetupKernelsArguments:
         "aliases": ["--from"]})
 
 
-def cmd_env(argv: Sequence[str]) -> None:
-    _sections_help(argv, (EnvArguments,), "medlora env")
-    (args,) = parse_config(argv, (EnvArguments,), "medlora env")
+# ---------------------------------------------------------------- what each command does
+
+
+def run_train(argv, model, lora, data, run, train_args) -> None:
+    from medlora.train import train
+
+    train(model, lora, data, run, train_args)
+
+
+def run_eval(argv, model_args, data_args, eval_args) -> None:
+    from medlora.evaluate_cli import run_eval as evaluate
+
+    evaluate(model_args, data_args, eval_args)
+
+
+def run_prepare(argv, model_args, data_args, prep_args) -> None:
+    from medlora.prepare import prepare
+
+    prepare(model_args, data_args, prep_args)
+
+
+def run_inspect(argv, model_args, data_args, args: InspectArguments) -> None:
+    from medlora.data import describe_format, load_training_data, resolve_format
+    from medlora.formatting import encode_example, render_example
+    from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(model_args)
+    options, fmt = resolve_format(data_args, tokenizer, checkpoint_zero_rows(resolve_model_path(model_args)))
+    print("format:", describe_format(fmt))
+    for row in load_training_data(data_args).train_rows[:args.num_examples]:
+        example = encode_example(tokenizer, row, options)
+        trained = sum(example["completion_mask"])
+        print(f"--- {row['id']} ({row['source']}:{row['line']}): {len(example['input_ids'])} tokens, {trained} trained")
+        print(render_example(tokenizer, example))
+        print("trained ids:", [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m])
+
+
+def run_ask(argv, model_args, data_args, args: AskArguments) -> None:
+    from medlora.data import DataError, row_problem
+    from medlora.evaluate import answer, eval_format, load_for_eval
+    from medlora.formatting import OPTION_FIELDS
+
+    row = {"question": args.question, **dict(zip(OPTION_FIELDS, args.options)), "id": "ask"}
+    problem = row_problem(row, required=("question", *OPTION_FIELDS))
+    if problem:
+        raise DataError(f"medlora ask: field '{problem[0]}': {problem[1]}")
+    model, tokenizer = load_for_eval(model_args, args.adapter)
+    options, _ = eval_format(data_args, args.adapter, tokenizer, model)
+    result = answer(model, tokenizer, row, options, args.max_new_tokens)
+    print(result["prompt"])
+    print(json.dumps({k: v for k, v in result.items() if k != "prompt"}, indent=2, ensure_ascii=False))
+
+
+def run_bench(argv, bench_args, lora_args) -> None:
+    from medlora.benchmark import run_bench as bench
+
+    bench(bench_args, lora_args)
+
+
+def run_bench_loss(argv, args) -> None:
+    from medlora.loss_bench import run_loss_bench
+
+    run_loss_bench(args)
+
+
+def run_report(argv, args) -> None:
+    from medlora.modelcard import write_model_card
+
+    print(write_model_card(args.run_dir, args.output))
+
+
+def run_export(argv, model_args, export_args) -> None:
+    from medlora.export import export
+
+    if "--model_name_or_path" not in argv:  # default: the base the adapter was trained on
+        try:
+            config = json.loads((Path(export_args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+            model_args.model_name_or_path = config.get("base_model_name_or_path") or model_args.model_name_or_path
+        except (OSError, ValueError, AttributeError):
+            pass  # export() names the problem with the adapter dir
+    summary = export(model_args, export_args)
+    check = summary["check"]
+    print(f"wrote {export_args.output_dir}: {summary['tensors']} tensors in {len(summary['shards'])} file(s), "
+          f"{summary['bytes'] / 2**30:.2f} GiB, {summary['dtype']}, layout "
+          f"{'= base' if (summary['layout'] or {}).get('same_as_base') else 'not compared (no base files)'}; "
+          + (f"reload check: bit-identical {check['reload_identical']}, logits relative L2 {check['rel_l2']:.2e}, "
+             f"top-1 {check['top1_agreement']:.3f} (pass: {check['tolerance']})" if check else "reload check skipped"))
+
+
+def run_rehearse(argv, args) -> None:
+    from medlora.rehearsal import run_rehearsal
+
+    run_rehearsal(args)
+
+
+def run_env(argv, args: EnvArguments) -> None:
+    from medlora.fast import DEFAULT_LEVERS
     from medlora.kernels import environment_report
 
-    report = environment_report(args.fast_gpu_arch)
+    report = environment_report(DEFAULT_LEVERS, args.fast_gpu_arch)
     if args.json:
-        import json
-
         print(json.dumps(report, indent=2))
         return
     from rich.console import Console
@@ -211,57 +181,120 @@ def cmd_env(argv: Sequence[str]) -> None:
         console.print(table)
 
 
-def cmd_setup_kernels(argv: Sequence[str]) -> None:
-    _sections_help(argv, (SetupKernelsArguments,), "medlora setup-kernels")
-    (args,) = parse_config(argv, (SetupKernelsArguments,), "medlora setup-kernels")
+def run_setup_kernels(argv, args: SetupKernelsArguments) -> None:
     from medlora.kernels import MAMBA_SSM_FILE, ensure_mamba_ssm
 
     folder = ensure_mamba_ssm(source=args.source)
     print(f"{MAMBA_SSM_FILE}: Triton kernels cached in {folder} (SHA-256 checked)")
 
 
-def cmd_export(argv: Sequence[str]) -> None:
-    from medlora.export import ExportArguments, export
-
-    sections = (ModelArguments, ExportArguments)
-    _sections_help(argv, sections, "medlora export")
-    model_args, export_args = parse_config(argv, sections, "medlora export")
-    validate(model=model_args)
-    if "--model_name_or_path" not in argv:  # default: the base the adapter was trained on
-        import json
-
-        try:
-            config = json.loads((Path(export_args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-            model_args.model_name_or_path = config.get("base_model_name_or_path") or model_args.model_name_or_path
-        except (OSError, ValueError, AttributeError):
-            pass  # export() names the problem with the adapter dir
-    summary = export(model_args, export_args)
-    check = summary["check"]
-    print(f"wrote {export_args.output_dir}: {summary['tensors']} tensors in {len(summary['shards'])} file(s), "
-          f"{summary['bytes'] / 2**30:.2f} GiB, {summary['dtype']}, layout "
-          f"{'= base' if (summary['layout'] or {}).get('same_as_base') else 'not compared (no base files)'}; "
-          + (f"reload check: bit-identical {check['reload_identical']}, logits relative L2 {check['rel_l2']:.2e}, "
-             f"top-1 {check['top1_agreement']:.3f} (pass: {check['tolerance']})" if check else "reload check skipped"))
-
-
-def cmd_rehearse(argv: Sequence[str]) -> None:
-    from medlora.rehearsal import RehearsalArguments, run_rehearsal
-
-    _sections_help(argv, (RehearsalArguments,), "medlora rehearse")
-    (args,) = parse_config(argv, (RehearsalArguments,), "medlora rehearse")
-    run_rehearsal(args)
-
-
-def cmd_build_tiny(argv: Sequence[str]) -> None:
-    out = argv[0] if argv else ModelArguments().tiny_cache_dir
+def run_build_tiny(argv, args: BuildTinyArguments) -> None:
     from medlora.model import build_tiny_model
 
-    print(build_tiny_model(Path(out)))
+    print(build_tiny_model(Path(args.output_dir)))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "inspect": cmd_inspect,
-            "ask": cmd_ask, "bench": cmd_bench, "bench-loss": cmd_bench_loss, "report": cmd_report, "export": cmd_export, "rehearse": cmd_rehearse, "env": cmd_env,
-            "setup-kernels": cmd_setup_kernels, "build-tiny": cmd_build_tiny}
+# ---------------------------------------------------------------- the table
+
+
+def _bench_sections():
+    from medlora.benchmark import BenchArguments
+
+    return (BenchArguments, LoraArguments)
+
+
+def _one(module: str, name: str) -> Callable[[], tuple]:
+    def sections():
+        import importlib
+
+        return (getattr(importlib.import_module(module), name),)
+
+    return sections
+
+
+def _import_unsloth_first(argv: list[str]) -> None:
+    from medlora.backends import import_unsloth_first
+
+    import_unsloth_first(argv)  # before transformers/TRL are imported, so Unsloth can patch them
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    sections: Callable[[], tuple]  # the dataclasses it parses (called late: some live in heavy modules)
+    run: Callable[..., Any]  # run(argv, *parsed sections)
+    reads_training_configs: bool = False  # accepts (and ignores) the keys of a training YAML
+    positional: str | None = None  # a leading positional argument is this flag
+    before: Callable[[list[str]], None] | None = None  # runs before anything imports transformers
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("LoRA fine-tuning (TRL SFTTrainer + PEFT); writes adapter/ and metrics.json",
+                     training_sections, run_train, before=_import_unsloth_first),
+    "eval": Command("MedMCQA accuracy (lm-eval compatible); writes predictions.jsonl and summary.json",
+                    lambda: (ModelArguments, DataArguments, EvalArguments), run_eval, True),
+    "prepare": Command("validate, clean, split and save MedMCQA data (Arrow) with statistics",
+                       lambda: (ModelArguments, DataArguments, PrepareArguments), run_prepare, True),
+    "inspect": Command("show tokenised training examples with the loss mask (debug view)",
+                       lambda: (ModelArguments, DataArguments, InspectArguments), run_inspect, True),
+    "ask": Command("answer one question with the exact training prompt",
+                   lambda: (ModelArguments, DataArguments, AskArguments), run_ask, True, positional="question"),
+    "bench": Command("time the real training loop per backend; JSON + Markdown + PNG in benchmarks/results",
+                     _bench_sections, run_bench),
+    "bench-loss": Command("time the LM head + cross-entropy alone per implementation (TRL, full logits, CCE, Liger)",
+                          _one("medlora.loss_bench", "LossBenchArguments"), run_bench_loss),
+    "report": Command("(re)write a run's model card, RUN_DIR/MODEL_CARD.md, from its metrics.json",
+                      _one("medlora.modelcard", "ReportArguments"), run_report),
+    "export": Command("merge an adapter into the base and write a servable checkpoint in the hub's layout",
+                      lambda: (ModelArguments, _one("medlora.export", "ExportArguments")()[0]), run_export),
+    "rehearse": Command("the real recipe end to end (train, SIGTERM, resume, eval, export), every phase timed",
+                        _one("medlora.rehearsal", "RehearsalArguments"), run_rehearse),
+    "env": Command("this machine's GPU, libraries and the kernel each backend will use (and why)",
+                   lambda: (EnvArguments,), run_env),
+    "setup-kernels": Command("fetch (or take --from a file) the pinned Triton kernels of backend fast into the cache",
+                             lambda: (SetupKernelsArguments,), run_setup_kernels),
+    "build-tiny": Command("write the offline tiny Nemotron-H + tokenizer to a directory",
+                          lambda: (BuildTinyArguments,), run_build_tiny, positional="output_dir"),
+}
+
+USAGE = ("usage: medlora <command> [--config FILE.yaml] [--flag value ...]\n\ncommands:\n"
+         + "".join(f"  {name:<13} {command.help}\n" for name, command in COMMANDS.items())
+         + "\n`medlora <command> --help` lists the flags of a command.")
+
+
+def print_help(sections, prog: str) -> None:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(sections, prog=prog)
+    for action in parser._actions:  # argparse %-formats help texts: a literal % ("95% interval") must be doubled
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
+    parser.print_help()
+
+
+def run_command(name: str, argv: Sequence[str]) -> None:
+    command = COMMANDS[name]
+    argv = list(argv)
+    if command.positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{command.positional}", argv[0], *argv[1:]]
+    if command.before is not None:
+        command.before(argv)
+    sections = command.sections()
+    if "-h" in argv or "--help" in argv:
+        print_help(sections, f"medlora {name}")
+        sys.exit(0)
+    parsed = parse_config(argv, sections, f"medlora {name}", training_sections() if command.reads_training_configs
+                          else ())
+    if name != "train":  # train() validates its sections together (their cross-checks need all of them)
+        for section in parsed:
+            if hasattr(section, "validate"):
+                section.validate()
+    command.run(argv, *parsed)
+
+
+def cmd_train(argv: Sequence[str]) -> None:
+    """`medlora train` (the torchrun scripts call it directly)."""
+    run_command("train", argv)
 
 
 @main_guard
@@ -270,13 +303,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
-    command = COMMANDS.get(argv[0])
-    if command is None:
-        raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}")
-    command(argv[1:])
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    run_command(argv[0], argv[1:])
 
 
-__all__ = ["main", "MedloraError"]
+__all__ = ["main", "MedloraError", "validate"]
 
 if __name__ == "__main__":
     main()

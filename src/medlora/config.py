@@ -20,17 +20,18 @@ from typing import Any, Sequence
 
 import yaml
 
+from medlora.backend import Backend
+from medlora.fast import CHECKPOINT_BLOCKS, DEFAULT_LEVERS, LEVERS
+from medlora.errors import ConfigError, MedloraError, main_guard  # noqa: F401 - re-exported
+
 TINY_MODEL = "tiny"
 REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
-BACKENDS = ("hf", "unsloth", "fast")
-FAST_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention", "compile")  # medlora.fast.LEVERS
-# on by default: `compile` is opt-in (measured in README, "Backend fast")
-FAST_DEFAULT_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")
-FAST_CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # block kinds of Nemotron-H
 
 
-class ConfigError(ValueError):
-    """Bad configuration; the message names the file or option. Printed without a traceback."""
+def need(ok: bool, message: str) -> None:
+    """A validator's one check: ConfigError with the message (which names the option) when `ok` is false."""
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -48,6 +49,12 @@ class ModelArguments:
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     tiny_cache_dir: str = field(default="outputs/tiny-nemotron-h", metadata={"help": "where 'tiny' is built"})
 
+    def validate(self) -> None:
+        need(self.torch_dtype in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
+             f"--torch_dtype: unknown dtype {self.torch_dtype!r}")
+        need(self.experts_implementation in (None, "eager", "batched_mm", "grouped_mm"),
+             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {self.experts_implementation!r}")
+
 
 @dataclass
 class LoraArguments:
@@ -63,6 +70,16 @@ class LoraArguments:
         metadata={"help": "fused 3-D routed-expert parameters (PEFT target_parameters); pass [] to leave them frozen"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+
+    def validate(self) -> None:
+        need(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
+        need(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(bool(self.lora_target_modules or self.lora_target_parameters), "no LoRA targets given")
+        forbidden = {"out_proj", "conv1d"} & {t.split(".")[-1] for t in self.lora_target_modules}
+        need(not forbidden, f"--lora_target_modules: {sorted(forbidden)} cannot be LoRA targets on nemotron_h "
+             "(the Mamba2 code passes conv1d.weight to the scan as a plain tensor, and with mamba kernels installed "
+             "the fused kernel reads out_proj.weight directly: a LoRA there gets no gradient; see AGENTS.md)")
 
 
 @dataclass
@@ -97,20 +114,28 @@ class DataArguments:
         "help": "chat style: passed to the chat template. Off, Nemotron-3's template closes the think block in "
                 "the prompt (<think></think>, masked); answers never contain think tags"})
 
+    def validate(self) -> None:
+        need(self.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {self.style!r}")
+        need(self.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {self.cop_base!r}")
+        need(0 < self.eval_fraction < 1, f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"--{name} must be positive, got {value}")
+
 
 @dataclass
 class RunArguments:
     backend: str = field(default="hf", metadata={"help": "hf (Transformers + PEFT + TRL), unsloth, or fast "
                                                          "(medlora's padding-free Triton path; see AGENTS.md)"})
-    fast_levers: list[str] = field(default_factory=lambda: list(FAST_DEFAULT_LEVERS),
+    fast_levers: list[str] = field(default_factory=lambda: list(DEFAULT_LEVERS),
                                    metadata={"help": "backend fast: kernels to use (the rest run PyTorch references); "
-                                                     f"any of {', '.join(FAST_LEVERS)}"})
+                                                     f"any of {', '.join(LEVERS)}"})
     fast_gpu_arch: str = field(default="auto", metadata={
         "help": "backend fast: pick kernels as for this GPU architecture: auto (this GPU's) or sm80 (the A100 "
                 "path: per-expert MoE GEMM loop instead of torch's sm90+ grouped GEMM), to measure it anywhere"})
-    fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(FAST_CHECKPOINT_BLOCKS), metadata={
+    fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(CHECKPOINT_BLOCKS), metadata={
         "help": "backend fast with --gradient_checkpointing: which block kinds recompute their activations "
-                "(selective checkpointing), any of " + ", ".join(FAST_CHECKPOINT_BLOCKS)})
+                "(selective checkpointing), any of " + ", ".join(CHECKPOINT_BLOCKS)})
     fsdp2: bool = field(default=False, metadata={
         "help": "shard the model over the ranks with FSDP2 (fully_shard per block) when one GPU cannot hold a "
                 "replica; backend hf, under torchrun; checkpoints hold the adapter only (no resume)"})
@@ -120,6 +145,40 @@ class RunArguments:
     audit: bool = field(default=True, metadata={"help": "label-mask and gradient-flow audits before step 1"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds a run"})
     eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass when scoring"})
+
+    def validate(self, train: Any = None) -> None:
+        backend = Backend.from_run(self)  # refuses an unknown --backend
+        need(self.eval_accuracy_samples >= 0, "--eval_accuracy_samples must be >= 0")
+        need(self.eval_batch_size > 0, "--eval_batch_size must be positive")
+        unknown = set(self.fast_levers) - set(LEVERS)
+        need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {LEVERS}")
+        need(not self.fsdp2 or backend.supports_fsdp2, f"--fsdp2: backend {self.backend!r} is not supported with "
+             "FSDP2 (fast calls each block's mixers directly, bypassing FSDP2's per-block all-gather; Unsloth patches "
+             "the model itself); use --backend hf, or DDP without --fsdp2")
+        need(not self.fsdp2 or os.environ.get("WORLD_SIZE") is not None, "--fsdp2 needs a distributed launch: "
+             "torchrun --nproc_per_node=N scripts/train_multigpu.py ...")
+        need(not (self.fsdp2 and train is not None and train.resume_from_checkpoint), "--fsdp2 with "
+             "--resume_from_checkpoint: FSDP2 checkpoints hold the adapter only (no optimizer state), so a run "
+             "cannot resume from them; start a new run")
+        need(self.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {self.fast_gpu_arch!r}")
+        unknown = set(self.fast_checkpoint_blocks) - set(CHECKPOINT_BLOCKS)
+        need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
+
+
+def validate_sft(train: Any, run: RunArguments | None = None) -> None:
+    """TRL's SFTConfig is not ours to extend: its checks live here, next to the sections it is used with."""
+    need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
+    need(not getattr(train, "hub_token", None), "--hub_token: pass the Hugging Face token through HF_TOKEN or "
+         "`hf auth login`, never as a flag or config key (it would be written into every checkpoint's "
+         "training_args.bin)")
+    need(train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive")
+    need(train.learning_rate > 0, f"--learning_rate must be positive, got {train.learning_rate}")
+    need(train.max_length is None or train.max_length > 16, f"--max_length too small: {train.max_length}")
+    if train.packing:
+        need(run is not None and Backend.from_run(run).keeps_sequence_boundaries, "--packing: samples packed into "
+             "one row would leak into each other through NemotronH's Mamba2 state and convolution (transformers' "
+             "path has no sequence boundaries); leave it off (padding is per batch), or use --backend fast, which "
+             "keeps the boundaries")
 
 
 @dataclass
@@ -131,6 +190,13 @@ class EvalArguments:
     bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% interval"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing predictions/summary"})
     eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass"})
+
+    def validate(self) -> None:
+        for name, low in (("limit", 1), ("eval_batch_size", 1), ("bootstrap_samples", 0)):
+            value = getattr(self, name)  # a negative --limit would silently drop rows from the end
+            need(value is None or value >= low, f"--{name} must be {'positive' if low else '>= 0'}, got {value}")
+        need(not self.compare_base or bool(self.adapter),
+             "--compare_base compares the base model with an adapter: pass --adapter DIR too")
 
 
 @dataclass
@@ -242,8 +308,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = ()) -> dict[str, Any]:
-    """The file's keys for `sections`; keys of `also_known` sections are accepted and dropped."""
+def read_yaml_mapping(path: str) -> dict[str, Any]:
+    """A config file's mapping, or ConfigError naming the file (missing, a directory, not UTF-8, not YAML, a
+    duplicated key, not a mapping). No knowledge of the sections: that is `load_yaml`'s."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {path} is a directory, not a YAML file")
@@ -261,6 +328,12 @@ def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = 
         return {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: must be a YAML mapping of option: value, got {type(config).__name__}")
+    return config
+
+
+def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = ()) -> dict[str, Any]:
+    """The file's keys for `sections`; keys of `also_known` sections are accepted and dropped."""
+    config = read_yaml_mapping(path)
     known = _field_map(sections)
     other = _field_map(also_known)
     for key in config:
@@ -330,60 +403,14 @@ def _device_defaults(sections: Sequence[type], given: set[str]) -> list[str]:
 
 def validate(model: ModelArguments | None = None, lora: LoraArguments | None = None,
              data: DataArguments | None = None, run: RunArguments | None = None, train: Any = None) -> None:
-    """Semantic checks that types alone cannot express; each message names the option."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    if model is not None:
-        need(model.torch_dtype in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
-             f"--torch_dtype: unknown dtype {model.torch_dtype!r}")
-        need(model.experts_implementation in (None, "eager", "batched_mm", "grouped_mm"),
-             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {model.experts_implementation!r}")
-    if lora is not None:
-        need(lora.lora_r > 0, f"--lora_r must be positive, got {lora.lora_r}")
-        need(lora.lora_alpha > 0, f"--lora_alpha must be positive, got {lora.lora_alpha}")
-        need(0 <= lora.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {lora.lora_dropout}")
-        need(bool(lora.lora_target_modules or lora.lora_target_parameters), "no LoRA targets given")
-        forbidden = {"out_proj", "conv1d"} & {t.split(".")[-1] for t in lora.lora_target_modules}
-        need(not forbidden, f"--lora_target_modules: {sorted(forbidden)} cannot be LoRA targets on nemotron_h "
-             "(the Mamba2 code passes conv1d.weight to the scan as a plain tensor, and with mamba kernels installed "
-             "the fused kernel reads out_proj.weight directly: a LoRA there gets no gradient; see AGENTS.md)")
-    if data is not None:
-        need(data.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {data.style!r}")
-        need(data.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {data.cop_base!r}")
-        need(0 < data.eval_fraction < 1, f"--eval_fraction must be in (0, 1), got {data.eval_fraction}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(data, name)
-            need(value is None or value > 0, f"--{name} must be positive, got {value}")
+    """Every given section's own validator (each message names the option), then the SFTConfig checks."""
+    for section in (model, lora, data):
+        if section is not None:
+            section.validate()
     if run is not None:
-        need(run.backend in BACKENDS, f"--backend must be one of {BACKENDS}, got {run.backend!r}")
-        need(run.eval_accuracy_samples >= 0, "--eval_accuracy_samples must be >= 0")
-        need(run.eval_batch_size > 0, "--eval_batch_size must be positive")
-        unknown = set(run.fast_levers) - set(FAST_LEVERS)
-        need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {FAST_LEVERS}")
-        need(not run.fsdp2 or run.backend == "hf", f"--fsdp2: backend {run.backend!r} is not supported with FSDP2 "
-             "(fast calls each block's mixers directly, bypassing FSDP2's per-block all-gather; Unsloth patches the "
-             "model itself); use --backend hf, or DDP without --fsdp2")
-        need(not run.fsdp2 or os.environ.get("WORLD_SIZE") is not None, "--fsdp2 needs a distributed launch: "
-             "torchrun --nproc_per_node=N scripts/train_multigpu.py ...")
-        need(not (run.fsdp2 and train is not None and train.resume_from_checkpoint), "--fsdp2 with "
-             "--resume_from_checkpoint: FSDP2 checkpoints hold the adapter only (no optimizer state), so a run "
-             "cannot resume from them; start a new run")
-        need(run.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {run.fast_gpu_arch!r}")
-        unknown = set(run.fast_checkpoint_blocks) - set(FAST_CHECKPOINT_BLOCKS)
-        need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {FAST_CHECKPOINT_BLOCKS}")
+        run.validate(train)
     if train is not None:
-        need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
-        need(not getattr(train, "hub_token", None), "--hub_token: pass the Hugging Face token through HF_TOKEN or "
-             "`hf auth login`, never as a flag or config key (it would be written into every checkpoint's "
-             "training_args.bin)")
-        need(train.per_device_train_batch_size > 0, "--per_device_train_batch_size must be positive")
-        need(train.learning_rate > 0, f"--learning_rate must be positive, got {train.learning_rate}")
-        need(train.max_length is None or train.max_length > 16, f"--max_length too small: {train.max_length}")
-        need(not train.packing or (run is not None and run.backend == "fast"), "--packing: samples packed into one row would leak into each other through "
-             "NemotronH's Mamba2 state and convolution (transformers' path has no sequence boundaries); "
-             "leave it off (padding is per batch), or use --backend fast, which keeps the boundaries")
+        validate_sft(train, run)
 
 
 def to_dict(*sections: Any) -> dict[str, Any]:
@@ -395,27 +422,3 @@ def to_dict(*sections: Any) -> dict[str, Any]:
         data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
         out[type(obj).__name__] = json.loads(json.dumps(data, default=str))
     return out
-
-
-def main_guard(func):
-    """Turn expected errors into one clear line on stderr and exit code 2 (no traceback)."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from medlora.data import DataError
-        from medlora.formatting import FormattingError
-
-        try:
-            return func(*args, **kwargs)
-        except (ConfigError, DataError, FormattingError, MedloraError) as err:
-            code = getattr(err, "exit_code", 2)  # medlora.safety.Interrupted: 128 + signal, after a clean save
-            print(f"medlora: {'error' if code == 2 else 'stopped'}: {err}", file=sys.stderr)
-            sys.exit(code)
-
-    return wrapper
-
-
-class MedloraError(RuntimeError):
-    """A failure the user can act on (audit failed, output exists, model unreachable, ...)."""
-

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from medlora.formatting import LETTERS, OPTION_FIELDS
+from medlora.errors import DataError  # noqa: F401 - re-exported
+from medlora.formatting import (LETTERS, OPTION_FIELDS, FormatOptions, choose_stop_token, encode_example,
+                                format_record)
 
 HUB_DATASET = "openlifescienceai/medmcqa"
 REQUIRED_FIELDS = ("question", *OPTION_FIELDS, "cop")
@@ -29,10 +31,6 @@ TEXT_FIELDS = ("question", *OPTION_FIELDS)
 LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv"}
 MAX_FIELD_CHARS = 20_000  # the longest real MedMCQA field is < 3,000 characters
 SHOW_FIRST = 10  # bad rows listed one by one before the rest are only counted
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line and field. Printed without a traceback."""
 
 
 @dataclass
@@ -512,3 +510,93 @@ def check_leakage(splits: dict[str, list[dict[str, Any]]]) -> None:
 def letter_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     counts = Counter(LETTERS[r["cop"]] for r in rows)
     return {letter: counts.get(letter, 0) for letter in LETTERS}
+
+
+# ---------------------------------------------------------------- from rows to training examples
+
+
+def format_options(data, stop_token: str | None = None):
+    """FormatOptions from the flags; `stop_token` is the one `choose_stop_token` picked for the loaded model."""
+    if stop_token is None and data.style == "plain" and data.stop_token != "auto":
+        stop_token = data.stop_token
+    return FormatOptions(style=data.style, include_option_text=data.include_option_text,
+                         include_explanation=data.include_explanation, add_bos_token=data.add_bos_token,
+                         stop_token=stop_token, enable_thinking=data.enable_thinking)
+
+
+def resolve_format(data, tokenizer, zero_rows):
+    """(FormatOptions, record) with the stop token chosen against the model's weights (`zero_rows`, see
+    `formatting.choose_stop_token`): a loaded model's rows in `train`, the checkpoint's rows in `inspect`/`prepare`."""
+    stop_token, stop = choose_stop_token(tokenizer, data.style, data.stop_token, zero_rows)
+    options = format_options(data, stop_token)
+    return options, format_record(tokenizer, options, stop)
+
+
+def describe_format(fmt: dict[str, Any]) -> str:
+    stop = fmt["stop"]
+    return (f"style {fmt['style']}; stop token {stop['token']!r}" + (f" (id {stop['id']})" if "id" in stop else "")
+            + f": {stop['reason']}; BOS {'yes' if fmt['add_bos_token'] else 'no'} ({fmt['bos_source']})")
+
+
+@dataclass
+class TrainingData:
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    reports: list[LoadReport]
+
+
+def load_training_data(data, output_dir: Path | None = None) -> TrainingData:
+    """Train and eval rows: a prepared dir, a separate eval source, or a seeded split of one source."""
+    prepared = Path(data.data_path) / "dataset_dict.json"
+    reports: list[LoadReport] = []
+    if prepared.exists():
+        from datasets import load_from_disk
+
+        splits = load_from_disk(data.data_path)
+        if "train" not in splits or "eval" not in splits:
+            raise DataError(f"{data.data_path}: a prepared dataset needs 'train' and 'eval' splits, has {list(splits)}")
+        train_rows, eval_rows = splits["train"].to_list(), splits["eval"].to_list()
+    else:
+        train_rows, report = load_medmcqa(data.data_path, data.train_split, data.cop_base, data.skip_invalid)
+        reports.append(report)
+        if data.eval_data_path:
+            eval_rows, eval_report = load_medmcqa(data.eval_data_path, data.eval_split, data.cop_base,
+                                                  data.skip_invalid)
+            reports.append(eval_report)
+            check_leakage({"train": train_rows, "eval": eval_rows})
+        else:
+            parts = split_rows(train_rows, data.eval_fraction, data.split_seed)
+            train_rows, eval_rows = parts["train"], parts["eval"]
+    if output_dir is not None:
+        for report in reports:
+            write_skipped(report, output_dir)
+    if data.max_train_samples:
+        train_rows = train_rows[: data.max_train_samples]
+    if data.max_eval_samples:
+        eval_rows = eval_rows[: data.max_eval_samples]
+    return TrainingData(train_rows, eval_rows, reports)
+
+
+def tokenize_rows(rows, tokenizer, options, max_length: int | None, name: str):
+    """Pre-tokenised `datasets.Dataset` (input_ids, completion_mask); over-long rows are reported, not cut.
+
+    Truncation would cut the answer and its EOS, so a row longer than `max_length` is left out and
+    counted in the returned list instead.
+    """
+    from datasets import Dataset
+
+    encoded, too_long = [], []
+    for row in rows:
+        example = encode_example(tokenizer, row, options)
+        if max_length and len(example["input_ids"]) > max_length:
+            too_long.append(f"{row.get('source', '?')}:{row.get('line', '?')} ({len(example['input_ids'])} tokens)")
+            continue
+        encoded.append(example)
+    if not encoded:
+        raise DataError(f"{name}: all {len(too_long)} examples are longer than max_length={max_length} tokens "
+                        f"(first: {', '.join(too_long[:3])}); raise --max_length")
+    return Dataset.from_list(encoded), too_long
+
+
+def masked_labels(example: dict[str, Any]) -> list[int]:
+    return [t if m else -100 for t, m in zip(example["input_ids"], example["completion_mask"])]

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from medlora.config import MedloraError, ModelArguments
+from medlora.config import ModelArguments
+from medlora.errors import MedloraError
 
 # bf16: the merged weight is rounded once (relative error <= 2^-9 per weight), the unmerged path is not, so logits
 # differ by rounding; on random-weight models a rounding can also flip a token's top-6 experts.

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medlora.config import FAST_CHECKPOINT_BLOCKS as CHECKPOINT_BLOCKS  # mamba, attention, moe, mlp
-from medlora.config import FAST_DEFAULT_LEVERS as DEFAULT_LEVERS
-from medlora.config import FAST_LEVERS as LEVERS  # triton_mamba, grouped_lora_moe, varlen_attention, compile
-from medlora.config import MedloraError
+LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention", "compile")  # kernels that can be switched off
+DEFAULT_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")  # `compile` is opt-in (README)
+CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
+from medlora.errors import MedloraError
 
 
 # ---------------------------------------------------------------- sequence layout
@@ -158,6 +158,9 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
             kernels.ssd = _load_mamba_ssd()
         except KernelSetupError as err:
             raise MedloraError(str(err)) from None
+        except ImportError as err:  # mamba_ssm's Triton files import einops and triton
+            raise MedloraError(f"backend fast: mamba_ssm's Triton SSD needs {err.name or err}: run "
+                               "`uv sync --extra fast`") from None
         except Exception as err:  # noqa: BLE001 - a broken import: say which and how to get out of it
             raise MedloraError(f"backend fast: mamba_ssm's Triton SSD does not import ({type(err).__name__}: {err}); "
                                "pass --fast_levers without triton_mamba to run the PyTorch reference") from None

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from medlora.errors import FormattingError  # noqa: F401 - re-exported
+
 LETTERS = ("A", "B", "C", "D")
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
 STYLES = ("plain", "chat")
@@ -31,11 +33,8 @@ SYSTEM_PROMPT = (
 TARGET_DELIMITER = " "
 
 
-class FormattingError(ValueError):
-    """A row or tokenizer cannot be formatted in the requested style."""
-
-
 THINK_TAGS = ("<think>", "</think>")
+FORMAT_FILE = "medlora_format.json"  # in an adapter dir: how its prompts and answers were built (format_record)
 # Where a pretrained model's documents end: the Nemotron-3 Base tokenizer declares eos <|im_end|> (id 11), which
 # the Base model never trained (its embedding row is zero); its pretraining separator is </s> (id 2).
 DOCUMENT_SEPARATORS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")

@@ -39,7 +39,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from medlora.config import MedloraError
+from medlora.errors import KernelSetupError, MedloraError
 
 # mamba_ssm 2.3.2.post1 sdist on PyPI (the SHA-256 PyPI lists for it; checked against ../shared/gpu/sdist).
 MAMBA_SSM_VERSION = "2.3.2.post1"
@@ -54,10 +54,6 @@ MANIFEST = "medlora_kernels.json"
 FAST_GPU_ARCHS = ("auto", "sm80")
 SETUP_HINT = (f"run `uv run medlora setup-kernels` where PyPI is reachable (it caches {MAMBA_SSM_FILE}'s Triton "
               "files), or copy the file here and run `uv run medlora setup-kernels --from PATH`")
-
-
-class KernelSetupError(MedloraError):
-    pass
 
 
 # ---------------------------------------------------------------- cache
@@ -326,7 +322,7 @@ def _version(name: str) -> str | None:
         return None
 
 
-def environment_report(arch: str = "auto", levers: tuple[str, ...] | None = None) -> dict[str, Any]:
+def environment_report(levers: tuple[str, ...], arch: str = "auto") -> dict[str, Any]:
     """What this machine has and which kernel each backend will use, with the reason for every fallback.
 
     Nothing is downloaded or compiled: the kernel cache and the packages are only inspected.
@@ -335,9 +331,7 @@ def environment_report(arch: str = "auto", levers: tuple[str, ...] | None = None
 
     import torch
 
-    from medlora.config import FAST_DEFAULT_LEVERS
-
-    levers = tuple(FAST_DEFAULT_LEVERS if levers is None else levers)
+    levers = tuple(levers)
     facts = gpu_facts()
     cuda = facts["cuda"]
     capability = tuple(facts["capability"]) if cuda else None

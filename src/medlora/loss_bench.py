@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-from medlora.config import MedloraError
+from medlora.errors import MedloraError
 
 IMPLS = ("full_logits", "trl_chunked", "cce", "liger")
 
@@ -131,7 +131,7 @@ def run_loss_bench(args: LossBenchArguments) -> Path:
     import torch.nn.functional as F
 
     from medlora import runinfo
-    from medlora.benchmark import new_result_path
+    from medlora.runinfo import new_result_path
 
     unknown = set(args.impls) - set(IMPLS)
     if unknown or not args.impls:

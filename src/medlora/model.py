@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from medlora.config import TINY_MODEL, ConfigError, LoraArguments, MedloraError, ModelArguments
+from medlora.config import TINY_MODEL, LoraArguments, ModelArguments
+from medlora.errors import ConfigError, MedloraError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # ChatML with Nemotron-3-Nano's think-tag behaviour (written for medlora, simplified): reasoning is on unless
@@ -253,6 +254,40 @@ def checkpoint_zero_rows(path: str):
     return zero_rows
 
 
+# NVIDIA-Nemotron-3-Nano-30B-A3B (config.json of the hub checkpoint): widths used for random-weight specs.
+NANO_CONFIG = dict(
+    vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+    intermediate_size=1856, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
+    chunk_size=128, conv_kernel=4, expand=2, n_routed_experts=128, num_experts_per_tok=6,
+    moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_shared_experts=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1, mlp_hidden_act="relu2",
+    max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    use_conv_bias=True, mamba_proj_bias=False, use_bias=False, layer_norm_epsilon=1e-5,
+)
+NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
+
+
+def build_in_memory(spec: str, seed: int, device):
+    """(model, tokenizer): the random model of `spec` built straight on `device` in bf16 (fp32 on CPU), no disk."""
+    import torch
+    from transformers import AutoModelForCausalLM, NemotronHConfig
+
+    if spec == "tiny":
+        config = NemotronHConfig(**tiny_config_dict())
+    elif spec in SPECS:
+        config = NemotronHConfig(**NANO_CONFIG, hybrid_override_pattern=SPECS[spec])
+    else:
+        raise MedloraError(f"random models: tiny or {sorted(SPECS)}; got {spec!r}")
+    torch_device = torch.device(device if device is not None else "cpu")
+    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    with torch_device:  # parameters are created in `dtype` on the device: no fp32 copy of 31.6 B weights
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    return model, build_tiny_tokenizer()
+
+
 RANDOM_PREFIX = "random:"  # random:nano-full, random:nano-quarter: real widths, random weights, built in memory
 
 
@@ -266,8 +301,6 @@ def random_spec(path: str) -> str | None:
     """'nano-full' for 'random:nano-full'; None for anything else. Unknown specs are refused."""
     if not path.startswith(RANDOM_PREFIX):
         return None
-    from medlora.benchmark import SPECS
-
     spec = path[len(RANDOM_PREFIX):]
     if spec not in ("tiny", *SPECS):
         raise ConfigError(f"--model_name_or_path {path}: unknown random spec; choose from "
@@ -326,8 +359,6 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     dtype = resolve_dtype(args.torch_dtype)
     spec = random_spec(path)
     if spec:  # the rehearsal's stand-in for the real checkpoint: same widths, random weights, no disk
-        from medlora.benchmark import build_in_memory
-
         if args.load_in_4bit:
             raise ConfigError("--load_in_4bit: random specs are built in bf16 in memory; drop the flag")
         devices = [torch.device(device).index or 0] if device is not None and torch.device(device).type == "cuda" else []

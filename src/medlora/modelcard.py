@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medlora.config import MedloraError
+from medlora.errors import MedloraError
 
 NOT_ADVICE = ("**Not medical advice.** This adapter answers multiple-choice exam questions. Its outputs are not "
               "medical advice, diagnosis or treatment, must not be used for patient care, and can be confidently "
@@ -157,3 +157,53 @@ def write_model_card(run_dir: str | Path, output: str | Path | None = None) -> P
     out = Path(output) if output else run_dir / "MODEL_CARD.md"
     out.write_text(text, encoding="utf-8")
     return out
+
+
+# ---------------------------------------------------------------- comparing runs (notebook 04)
+
+
+def load_runs(run_dirs: dict[str, str | Path]) -> dict[str, dict[str, Any]]:
+    """{label: metrics.json} for the run dirs that have one (a missing one is left out, and said)."""
+    runs = {}
+    for label, run_dir in run_dirs.items():
+        path = Path(run_dir) / "metrics.json"
+        if path.is_file():
+            runs[label] = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            print(f"{path} not found: {label} is left out of the comparison")
+    return runs
+
+
+def _setting(metrics: dict[str, Any]) -> tuple:
+    cfg = metrics["config"]
+    return (cfg["ModelArguments"]["model_name_or_path"], cfg["DataArguments"]["data_path"],
+            cfg["SFTConfig"]["max_steps"], cfg["SFTConfig"]["seed"], metrics.get("hardware", {}).get("gpu"))
+
+
+def compare_runs(runs: dict[str, dict[str, Any]]):
+    """(table of each run's results and setting, figure: train loss curves + base/adapter accuracy). The runs
+    compare only when model, data, steps, seed and GPU agree: the table says where they do not."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    keys = ("backend", "train_loss", "eval_loss", "eval_accuracy", "base_eval_accuracy", "eval_n", "global_steps",
+            "train_runtime_s", "train_samples_per_second", "wall_time_s")
+    table = pd.DataFrame({name: {**{k: m.get(k) for k in keys}, "model": _setting(m)[0], "data": _setting(m)[1],
+                                 "seed": _setting(m)[3], "gpu": _setting(m)[4]} for name, m in runs.items()})
+    if len({_setting(m) for m in runs.values()}) > 1:
+        print("note: the runs differ in model, data, steps, seed or GPU (rows model/data/seed/gpu): compare with care")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for (name, m), style in zip(runs.items(), ("o-", "s--", "^:", "d-.")):  # curves may coincide: other markers
+        log = pd.DataFrame(m["log_history"]).dropna(subset=["loss"])
+        ax_loss.plot(log["step"], log["loss"], style, label=name, fillstyle="none")
+    ax_loss.set(xlabel="step", ylabel="train loss (trained tokens)", title="train loss")
+    ax_loss.legend()
+    names = list(runs)
+    positions = range(len(names))
+    ax_acc.bar([p - 0.2 for p in positions], [runs[n]["base_eval_accuracy"] for n in names], 0.4, label="base")
+    ax_acc.bar([p + 0.2 for p in positions], [runs[n]["eval_accuracy"] for n in names], 0.4, label="adapter")
+    ax_acc.set_xticks(list(positions), names)
+    ax_acc.set(ylim=(0, 1), ylabel="accuracy", title="MedMCQA accuracy on the eval split")
+    ax_acc.legend()
+    fig.tight_layout()
+    return table, fig

@@ -110,32 +110,40 @@ def read_phases(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_step_clock(log: PhaseLog, tokens: dict[str, Any] | None = None):
-    """Trainer callback: every optimizer step's wall time (CUDA-synchronised) and the first step of this process.
-
-    `tokens["step_tokens"]`: a running count of the step's real tokens, kept by the trainer (read and reset here)."""
-    import torch
+def _callback_base():
     from transformers import TrainerCallback
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.t0 = None
-            self.first = True
+    return TrainerCallback
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.time()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.t0 is None:
-                return
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = time.time() - self.t0
-            count = (tokens or {}).pop("step_tokens", None)
-            extra = {} if count is None else {"tokens": int(count)}
-            if self.first:
-                log.event("first_step", seconds, step=state.global_step, **extra)
-                self.first = False
-            log.event("step", seconds, step=state.global_step, **extra)
+class StepClock(_callback_base()):
+    """Every optimizer step's wall time (CUDA-synchronised) and real tokens, and the first step of this process.
 
-    return StepClock()
+    The trainer it is bound to counts the step's real tokens in `step_tokens` (summed on the device)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.t0 = None
+        self.first = True
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if self.t0 is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.time() - self.t0
+        count, self.trainer.step_tokens = self.trainer.step_tokens, None
+        extra = {} if count is None else {"tokens": int(count)}
+        log = self.trainer.phases
+        if self.first:
+            log.event("first_step", seconds, step=state.global_step, **extra)
+            self.first = False
+        log.event("step", seconds, step=state.global_step, **extra)

@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medlora.config import DataArguments, MedloraError, ModelArguments, PrepareArguments
+from medlora.config import DataArguments, ModelArguments, PrepareArguments
+from medlora.errors import MedloraError
 from medlora.data import format_issues, letter_counts, load_medmcqa, split_rows, write_skipped
 from medlora.deidentify import TYPES, deidentify_value
 from medlora.formatting import build_prompt, encode_example
@@ -48,7 +49,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
     from rich.table import Table
 
     from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
-    from medlora.train import resolve_format
+    from medlora.data import resolve_format
 
     out = Path(prep.output_dir)
     if out.exists() and any(out.iterdir()) and not prep.overwrite:

@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from medlora.config import MedloraError
+from medlora.errors import MedloraError
 
 TARGETS = {"checkpoint_save_s": 30.0, "resume_to_first_new_step_s": 180.0, "accuracy_eval_500_s": 60.0}
 
@@ -46,7 +46,8 @@ class RehearsalArguments:
         "help": "where the merged model goes (63 GB for nano-full: /dev/shm/... on a small disk)"})
     train_flags: str = field(default="", metadata={
         "help": "extra `medlora train` flags as one quoted string, e.g. \"--per_device_train_batch_size 32\""})
-    results_dir: str = field(default="benchmarks/results", metadata={"help": "where the rehearsal JSON goes"})
+    results_dir: str = field(default="benchmarks/results/rehearsal", metadata={
+        "help": "where the rehearsal JSON goes (apart from the bench results, which have another shape)"})
     tag: str = field(default="", metadata={"help": "suffix for the result file name"})
 
 
@@ -115,7 +116,7 @@ def _by_process(records: list[dict[str, Any]], pid: int) -> dict[str, Any]:
 
 def run_rehearsal(args: RehearsalArguments) -> Path:
     from medlora import runinfo
-    from medlora.benchmark import new_result_path
+    from medlora.runinfo import new_result_path
 
     work = Path(args.work_dir)
     if work.exists() and any(work.iterdir()):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 PACKAGES = ("medlora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "triton", "tokenizers", "fla-core", "mamba_ssm", "cut-cross-entropy",
@@ -81,3 +83,29 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+# ---------------------------------------------------------------- result files
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def new_result_path(results_dir: str | Path, day: str, gpu: str | None, name: str) -> Path:
+    """RESULTS_DIR/<date>-<gpu>-<name>.json, with the time appended if that file exists (never overwritten)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{day}-{(gpu or 'cpu').replace('NVIDIA ', '').replace(' ', '-').lower()}-{name}"
+    path = results_dir / f"{stem}.json"
+    return results_dir / f"{stem}{time.strftime('-%H%M%S')}.json" if path.exists() else path

@@ -28,18 +28,10 @@ from typing import Any
 
 import torch
 
-from medlora.config import MedloraError
+from medlora.errors import Interrupted, MedloraError  # noqa: F401 - re-exported
 
 LOCK_NAME = ".medlora.lock"
 MARKER = "medlora_complete.json"
-
-
-class Interrupted(MedloraError):
-    """The run stopped on a signal after saving a checkpoint; exit with 128 + signal number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 # ---------------------------------------------------------------- one run per output dir
@@ -134,83 +126,138 @@ def last_good_checkpoint(output_dir: Path, say=print) -> str | None:
     return None
 
 
-def make_callbacks(trainer_ref: dict[str, Any]):
-    """CheckpointCommit, SignalStop and NonFiniteStop as Trainer callbacks sharing one trainer reference."""
+class _Bound:
+    """A callback that needs the trainer it serves (`MedloraSFTTrainer` calls `bind` once it exists)."""
+
+    trainer: Any = None
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+
+def _callback_base():
     from transformers import TrainerCallback
 
-    class CheckpointCommit(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                commit_checkpoint(checkpoint)
-                started, phases = trainer_ref.pop("save_started", None), trainer_ref.get("phases")
-                if started is not None and phases is not None:
-                    size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
-                    phases.event("save", time.time() - started, step=state.global_step, bytes=size)
+    return TrainerCallback
+
+
+class CheckpointCommit(_Bound, _callback_base()):
+    """Commits each checkpoint the Trainer has finished writing (the marker above) and times the save."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            commit_checkpoint(checkpoint)
+            started = getattr(self.trainer, "save_started", None)
+            if started is not None:
+                size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+                self.trainer.phases.event("save", time.time() - started, step=state.global_step, bytes=size)
+                self.trainer.save_started = None
+        return control
+
+
+class SignalStop(_callback_base()):
+    """SIGTERM / SIGINT: save a checkpoint at the end of the current step and stop; a second signal aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not in some notebook runners)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now, without saving
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"medlora: {signal.Signals(signum).name} received: saving a checkpoint after this step, then "
+              "stopping (send it again to abort without saving)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self.signum or 0
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            flag = torch.tensor([signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+            if signum and self.signum is None:
+                self.signum = signum  # another rank got it first
+        if signum:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class NonFiniteStop(_Bound, _callback_base()):
+    """Before every optimizer step: NaN/inf in a (DDP-reduced) gradient stops the run before a weight changes."""
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        if not grads:
             return control
-
-    class SignalStop(TrainerCallback):
-        def __init__(self):
-            self.signum: int | None = None
-            self.previous: dict[int, Any] = {}
-
-        def install(self) -> None:
-            import threading
-
-            if threading.current_thread() is not threading.main_thread():
-                return  # signal handlers can only be set from the main thread (e.g. not in some notebook runners)
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-        def uninstall(self) -> None:
-            for signum, handler in self.previous.items():
-                signal.signal(signum, handler)
-            self.previous.clear()
-
-        def _handle(self, signum, frame):
-            if self.signum is not None:  # second signal: stop now, without saving
-                self.uninstall()
-                raise KeyboardInterrupt
-            self.signum = signum
-            print(f"medlora: {signal.Signals(signum).name} received: saving a checkpoint after this step, then "
-                  "stopping (send it again to abort without saving)", flush=True)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            signum = self.signum or 0
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
-                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-                flag = torch.tensor([signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signum = int(flag.item())
-                if signum and self.signum is None:
-                    self.signum = signum  # another rank got it first
-            if signum:
-                control.should_save = True
-                control.should_training_stop = True
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+        if bool(finite.all()):
             return control
+        name = next(n for (n, _), ok in zip(grads, finite.tolist()) if not ok)
+        loss = getattr(self.trainer, "last_loss", None)
+        loss = None if loss is None else float(loss)
+        good = last_good_checkpoint(Path(args.output_dir), say=lambda _: None)
+        raise MedloraError(
+            f"step {state.global_step + 1}: non-finite gradients (NaN/inf), first in {name}; loss "
+            f"{loss if loss is None else f'{loss:.6g}'}. Stopped before the optimizer step, so no weight was "
+            f"changed; last good checkpoint: {good or 'none'}. Lower --learning_rate, check the data, or use "
+            "--bf16/--max_grad_norm")
 
-    class NonFiniteStop(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            model = trainer_ref["trainer"].model
-            grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-            if not grads:
-                return control
-            finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
-            if bool(finite.all()):
-                return control
-            name = next(n for (n, _), ok in zip(grads, finite.tolist()) if not ok)
-            loss = trainer_ref.get("last_loss")
-            loss = None if loss is None else float(loss)
-            good = last_good_checkpoint(Path(args.output_dir), say=lambda _: None)
-            raise MedloraError(
-                f"step {state.global_step + 1}: non-finite gradients (NaN/inf), first in {name}; loss "
-                f"{loss if loss is None else f'{loss:.6g}'}. Stopped before the optimizer step, so no weight was "
-                f"changed; last good checkpoint: {good or 'none'}. Lower --learning_rate, check the data, or use "
-                "--bf16/--max_grad_norm")
 
-    return CheckpointCommit(), SignalStop(), NonFiniteStop()
+# ---------------------------------------------------------------- the run directory
+
+
+RUN_MARKERS = ("metrics.json", "adapter", "trainer_state.json")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
+    if not output_dir.exists() or overwrite or resume:
+        return
+    found = [m for m in RUN_MARKERS if (output_dir / m).exists()] + [p.name for p in output_dir.glob("checkpoint-*")]
+    if found:
+        raise MedloraError(
+            f"{output_dir} already holds a run ({', '.join(sorted(found)[:3])}); pass --overwrite to replace it, "
+            "--resume_from_checkpoint auto to continue it, or choose another --output_dir"
+        )
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
+    """The checkpoint to resume from: a committed one only; torn ones are skipped."""
+    from medlora.errors import ConfigError
+
+    if not resume:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint: {resume} is not a checkpoint directory")
+        problem = checkpoint_problem(Path(resume))
+        if problem:
+            raise ConfigError(f"--resume_from_checkpoint: {resume} is torn or incomplete ({problem}); "
+                              "use --resume_from_checkpoint auto to take the newest complete one")
+        return resume
+    last = last_good_checkpoint(output_dir) if output_dir.is_dir() else None
+    if last is None:
+        print(f"medlora: no checkpoint in {output_dir}; starting from step 0")
+    return last
 
 
 OOM_ADVICE = ("out of GPU memory ({detail}). Turn one of these knobs: --per_device_train_batch_size (lower it, and "

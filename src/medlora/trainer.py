@@ -1,0 +1,171 @@
+"""The trainer `medlora train` and `medlora bench` share: every SFT rule in one config builder, one trainer.
+
+`build_sft_config` takes TRL `SFTConfig` arguments as the user (or the bench) gave them and applies the rules
+every medlora run follows; `build_trainer` makes the `MedloraSFTTrainer` around them. The bench builds its
+trainer through these two functions, so it times the trainer that `train` runs (a test compares the configs).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+
+from medlora.backend import Backend
+from medlora.errors import MedloraError
+from medlora.phases import PhaseLog, StepClock
+
+
+def build_sft_config(train_args, backend: Backend, fsdp2: bool = False, say=print):
+    """A copy of `train_args` with medlora's SFT rules applied (the caller's object is left as given).
+
+    * the loss is completion-only: pre-tokenised examples carry a completion mask, the prompt is never trained;
+    * bitsandbytes' 8-bit optimizers need CUDA: without it, plain AdamW (said once);
+    * Unsloth and fast checkpoint activations themselves, so the Trainer's checkpointing is off for them;
+    * the Trainer's checkpointing is non-reentrant (LoRA parameters are the only ones needing gradients);
+    * FSDP2 shards the optimizer state: checkpoints keep the model (the adapter) only.
+    """
+    config = copy.copy(train_args)
+    if not torch.cuda.is_available() and "bnb" in str(config.optim):
+        from transformers.training_args import OptimizerNames
+
+        say(f"no CUDA GPU: optimizer {getattr(config.optim, 'value', config.optim)} -> adamw_torch (bitsandbytes "
+            "8-bit needs CUDA)")
+        config.optim = OptimizerNames.ADAMW_TORCH
+    if fsdp2:
+        config.save_only_model = True
+    if backend.checkpoints_itself:
+        config.gradient_checkpointing = False
+    config.completion_only_loss = True
+    if config.gradient_checkpointing and config.gradient_checkpointing_kwargs is None:
+        config.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    return config
+
+
+def build_trainer(model, tokenizer, config, train_dataset, eval_dataset=None, callbacks=(), fsdp2: bool = False,
+                  phases: PhaseLog | None = None) -> "MedloraSFTTrainer":
+    """The SFTTrainer of every medlora run (TRL's CPU loss gap patched), its callbacks bound to it."""
+    from medlora.compat import patch_trl_cpu_loss
+
+    patch_trl_cpu_loss()
+    return MedloraSFTTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=tokenizer, callbacks=list(callbacks), fsdp2=fsdp2, phases=phases)
+
+
+class MedloraSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus what a medlora run keeps track of: FSDP2 adapter saving, the phase log (evaluations
+    and checkpoint saves timed), the last loss (for the non-finite message) and each step's real tokens."""
+
+    def __init__(self, *args, fsdp2: bool = False, phases: PhaseLog | None = None, **kwargs):
+        self.fsdp2 = fsdp2
+        self.phases = phases or PhaseLog(kwargs["args"].output_dir, enabled=False)
+        self.last_loss = None
+        self.step_tokens = None
+        self.save_started = None
+        self.accuracy_timing: tuple[float, int] | None = None  # (seconds, questions) of the last accuracy scoring
+        super().__init__(*args, **kwargs)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "bind"):
+                callback.bind(self)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.fsdp2:
+            return super().save_model(output_dir, _internal_call)
+        from medlora.fsdp import trainable_state_dict
+
+        state_dict = trainable_state_dict(self.model)  # collective: every rank gathers, rank 0 writes
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def evaluate(self, *args, **kwargs):  # eval loss + (callback) MedMCQA accuracy, timed apart
+        t0 = time.time()
+        result = super().evaluate(*args, **kwargs)
+        total = time.time() - t0
+        accuracy_s, accuracy_n = self.accuracy_timing or (0.0, None)
+        self.accuracy_timing = None
+        self.phases.event("eval", total, step=self.state.global_step, loss_s=round(total - accuracy_s, 3),
+                          accuracy_s=round(accuracy_s, 3), accuracy_n=accuracy_n)
+        return result
+
+    def _save_checkpoint(self, *args, **kwargs):
+        self.save_started = time.time()  # CheckpointCommit records the save once it is committed
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")  # real tokens of this micro-batch, summed on the device (no sync)
+        count = mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(inputs["input_ids"].numel())
+        self.step_tokens = count if self.step_tokens is None else self.step_tokens + count
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self.last_loss = loss.detach()  # for the non-finite message; no device sync here
+        return loss
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class MedMCQAAccuracyCallback(_callback_base()):
+    """After each evaluation, score MedMCQA accuracy on (the first `limit` of) the eval questions and log it."""
+
+    def __init__(self, rows, tokenizer, options, batch_size: int, limit: int = 0):
+        self.rows = rows[:limit] if limit else rows
+        self.tokenizer, self.options, self.batch_size = tokenizer, options, batch_size
+        self.trainer = None
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from medlora.evaluate import distributed_score, summarise
+
+        t0 = time.time()
+        preds = distributed_score(self.trainer.model, self.tokenizer, self.rows, self.options, self.batch_size)
+        self.trainer.accuracy_timing = (time.time() - t0, len(self.rows))
+        accuracy = summarise(preds, bootstrap_samples=0)["accuracy"]
+        if metrics is not None:
+            metrics["eval_accuracy"] = accuracy
+        self.trainer.log({"eval_accuracy": accuracy, "eval_accuracy_n": len(self.rows)})
+
+
+def run_callbacks(eval_rows, tokenizer, options, run) -> tuple[list, Any]:
+    """The callbacks of a `train` run, and the SignalStop among them (installed around `trainer.train`)."""
+    from medlora.safety import CheckpointCommit, NonFiniteStop, SignalStop
+
+    signal_stop = SignalStop()
+    callbacks = [MedMCQAAccuracyCallback(eval_rows, tokenizer, options, run.eval_batch_size, run.eval_accuracy_samples),
+                 CheckpointCommit(), signal_stop, NonFiniteStop(), StepClock()]
+    return callbacks, signal_stop
+
+
+# ---------------------------------------------------------------- the adapter every rank ends with
+
+
+def adapter_checksum(model) -> str:
+    """SHA-256 over the trainable (LoRA) tensors, in name order: equal across DDP ranks or a bug."""
+    from medlora.fsdp import full
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:  # FSDP2 shards are gathered (a collective, same order on every rank)
+            digest.update(name.encode())
+            digest.update(full(param.detach()).float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_checksums(model) -> list[str]:
+    import torch.distributed as dist
+
+    mine = adapter_checksum(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) != 1:
+        raise MedloraError(f"DDP ranks ended with different adapters: {everyone}")
+    return everyone

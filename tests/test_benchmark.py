@@ -1,0 +1,196 @@
+"""`medlora bench` on CPU: workers, result files, refusals, the trainer it times (train's), and its reports."""
+
+import pytest
+
+from medlora import fast
+
+
+def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
+    """`medlora bench` on CPU with the tiny model: per-backend batch sizes, lever variants, ratios in the JSON."""
+    import json
+
+    from conftest import SAMPLE, run_cli
+
+    proc = run_cli(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "fast[none]",
+                    "--backend_batch_size", "fast=8", "fast[none]=8", "--per_device_train_batch_size", "4",
+                    "--bench_steps", "2", "--bench_warmup_steps", "1", "--rounds", "1", "--optim", "adamw_torch",
+                    "--data_path", str(SAMPLE), "--results_dir", str(tmp_path / "results"),
+                    "--model_cache_dir", str(tmp_path / "models")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    by = {r["backend"]: r for r in out["results"]}
+    assert set(by) == {"hf", "fast", "fast[none]"}
+    assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
+    assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
+    assert by["fast[none]"]["backend_report"]["levers"] == []
+    assert by["fast"]["backend_report"]["levers"] == list(fast.DEFAULT_LEVERS)  # the levers `train` runs
+    assert "grouped" in by["fast"]["backend_report"]["kernels"]["moe_lora"]
+    assert "PEFT" in by["fast[none]"]["backend_report"]["kernels"]["moe_lora"]
+    assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()
+
+
+def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
+    """--in_memory (for nano-full, whose checkpoint does not fit the GPU machines' disk): nothing is saved."""
+    import json
+
+    from conftest import SAMPLE, run_cli
+
+    proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
+                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--nproc_per_node", "2",
+                    "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
+                    "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
+                    "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert out["config"]["bench"]["in_memory"] is True and not (tmp_path / "models").exists()
+    by = {r["backend"]: r for r in out["results"]}
+    assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
+    assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
+    # selective checkpointing reaches the fast forward; the profiled last step is reported, not timed
+    assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
+    assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
+    assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
+    # two DDP processes per worker (gloo): a step counts both ranks' examples; per GPU = total / 2
+    assert out["world_size"] == 2 and by["hf"]["world_size"] == 2
+    for r in by.values():
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2, abs=0.1)
+        # tokens and samples both count 2 x 4 examples per step: their ratio is a sample's length
+        assert 0.7 < r["tokens_per_s"] / r["samples_per_s"] / r["mean_tokens_per_sample"] < 1.3
+
+
+def test_bench_keeps_results_when_a_worker_fails(tmp_path, monkeypatch, capsys):
+    """A crashed worker is recorded as failed, the JSON is still written, and the command exits 2 naming it."""
+    import json
+    import subprocess
+
+    from conftest import SAMPLE
+    from medlora.cli import main
+
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: subprocess.CompletedProcess(cmd, 1)
+                        if "--worker" in cmd else real_run(cmd, *a, **k))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "--rounds", "1", "--data_path", str(SAMPLE),
+              "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "worker(s) for hf, fast failed" in err and "Traceback" not in err
+    out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert [(r["backend"], r["failed"], r["tokens_per_s"]) for r in out["results"]] == [("hf", True, None),
+                                                                                       ("fast", True, None)]
+
+
+def test_bench_loss_compares_lm_head_implementations(tmp_path, capsys):
+    import json
+
+    from medlora.cli import main
+
+    main(["bench-loss", "--positions", "20", "120", "--step_tokens", "120", "--hidden_size", "32", "--vocab_size",
+          "500", "--iters", "2", "--warmup", "1", "--results_dir", str(tmp_path)])
+    out = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {(r["positions"], r["impl"]): r for r in out["results"]}
+    for positions in (20, 120):
+        for impl in ("full_logits", "trl_chunked"):  # same maths in fp32 on CPU: equal to the reference
+            r = rows[positions, impl]
+            assert r["ms_median"] > 0 and r["loss_abs_diff_vs_fp32"] < 1e-5 and r["grad_rel_diff_vs_fp32"] < 1e-5
+        assert "needs CUDA" in rows[positions, "cce"]["skipped"] and "needs CUDA" in rows[positions, "liger"]["skipped"]
+    assert out["versions"]["trl"] and "| 20 | trl_chunked |" in next(tmp_path.glob("*.md")).read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench-loss", "--positions", "500", "--step_tokens", "100", "--results_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "fast[warp]"], "unknown levers"),
+    (["--backends", "turbo"], "unknown backend"),
+    (["--backends", "hf", "--backend_batch_size", "hf:4"], "is not backend=value"),
+    (["--backends", "hf+triton"], "needs an NVIDIA GPU"),
+    (["--backends", "hf", "--backend_gradient_checkpointing", "hf=moe"], "are for fast backends"),
+    (["--backends", "fast", "--backend_gradient_checkpointing", "fast=ffn"], "bad value"),
+    (["--backends", "hf", "--in_memory", "true", "--model_spec", "nano-huge"], "--model_spec"),
+])
+def test_bench_refuses_bad_backend_options(args, message, capsys):
+    from conftest import SAMPLE
+    from medlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model_spec", "tiny", "--data_path", str(SAMPLE), *args])  # no ../shared needed
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+
+
+def test_bench_trains_with_the_sft_config_that_train_builds(tmp_path):
+    """Same arguments, same SFTConfig: the bench applies train's rules through the same builder (only the output
+    directories differ), for every kind of backend."""
+    from medlora.backends import Backend
+    from medlora.benchmark import BenchArguments, bench_sft_config
+    from medlora.config import parse_config, training_sections
+    from medlora.trainer import build_sft_config
+
+    args = BenchArguments(bench_steps=5, bench_warmup_steps=2, learning_rate=3e-4, max_length=512, seed=7)
+    for spec, checkpointing in (("hf", True), ("fast", True), ("fast[triton_mamba]@sm80", False), ("hf+triton", True)):
+        backend = Backend.parse(spec)
+        bench = bench_sft_config(args, backend, 16, checkpointing, str(tmp_path / "bench"))
+        flags = ["--output_dir", str(tmp_path / "train"), "--max_steps", "7", "--per_device_train_batch_size", "16",
+                 "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
+                 "--warmup_steps", "0", "--gradient_checkpointing", str(checkpointing).lower(), "--optim",
+                 args.optim, "--max_length", "512", "--report_to", "none", "--save_strategy", "no",
+                 "--eval_strategy", "no", "--logging_steps", "10000", "--train_sampling_strategy", "sequential",
+                 "--dataloader_num_workers", "0", "--seed", "7", "--disable_tqdm", "true"]
+        *_, train_args = parse_config(flags, training_sections())
+        train = build_sft_config(train_args, backend, say=lambda *_: None)
+
+        def comparable(config):
+            data = config.to_dict()
+            return {k: v for k, v in data.items() if k not in ("output_dir", "logging_dir")}
+
+        assert comparable(bench) == comparable(train), spec
+        assert bench.completion_only_loss is True
+        assert bench.gradient_checkpointing == (checkpointing and not backend.checkpoints_itself)
+        assert bench.gradient_checkpointing_kwargs in (None, {"use_reentrant": False})
+    assert train is not train_args  # a copy: the caller's object is left as given
+
+
+def test_backends_are_parsed_once_into_one_object():
+    from medlora.backends import Backend
+    from medlora.config import RunArguments
+    from medlora.errors import ConfigError
+
+    assert Backend.parse("fast") == Backend("fast", fast.DEFAULT_LEVERS)  # what `train --backend fast` runs
+    assert Backend.parse("fast[none]").levers == () and Backend.parse("fast[compile]@sm80").gpu_arch == "sm80"
+    hf_triton = Backend.parse("hf+triton")
+    assert hf_triton.is_plain_hf and hf_triton.triton_mamba_ops and hf_triton.needs_cuda
+    assert not hf_triton.supports_fsdp2 and Backend.parse("hf").supports_fsdp2
+    assert Backend.parse("unsloth").checkpoints_itself and Backend.parse("fast").keeps_sequence_boundaries
+    run = RunArguments(backend="fast", fast_levers=["triton_mamba"], fast_gpu_arch="sm80")
+    assert Backend.from_run(run) == Backend("fast", ("triton_mamba",), "sm80")
+    assert Backend.from_run(RunArguments(backend="hf", fast_levers=["compile"])) == Backend("hf")
+    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "jax"):
+        with pytest.raises(ConfigError):
+            Backend.parse(bad)
+
+
+def test_bench_report_reads_bench_results_only_and_compares_each_model_and_gpu(tmp_path):
+    import json
+    import shutil
+
+    from conftest import ROOT
+    from medlora.bench_report import best_settings, lever_table, load_results, results_table, summary_lines
+
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        shutil.copy(path, tmp_path)
+    (tmp_path / "2026-12-01-h200-rehearsal-x.json").write_text(json.dumps({"kind": "rehearsal", "commands": {}}))
+    results = load_results(tmp_path)
+    assert results and all("rehearsal" not in name for name in results)
+    table = results_table(results)
+    assert {"tokens_per_s", "epoch_hours_medmcqa_train", "family", "levers"} <= set(table.columns)
+    best = best_settings(table)
+    assert not best.duplicated(["model", "gpu", "family"]).any()  # one best row per backend family and group
+    for (model, gpu, fam), row in best.set_index(["model", "gpu", "family"]).iterrows():
+        same = table[(table.model == model) & (table.gpu == gpu) & (table.family == fam) & ~table.oom & ~table.failed]
+        assert row.tokens_per_s == same.tokens_per_s.max()
+    full = best[(best.model == "nano-full") & (best.family == "fast")].iloc[0]
+    assert full.vs_hf > 10 and full.vs_unsloth > 10
+    assert any(line.startswith("nano-full on H200:") and "fast = " in line for line in summary_lines(best))
+    assert set(lever_table(table)["model"]) >= {"nano-quarter", "nano-full"}
