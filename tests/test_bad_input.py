@@ -77,6 +77,9 @@ def jsonl_case(kind: str, *rows: Any, message: tuple[str, ...], kept: int | None
     return BadData(kind, "data.jsonl", jsonl_text(*rows), message, kept, **kw)
 
 
+LATIN1_LINE_2 = (jsonl_text(row(1)) + json.dumps(row(2)).replace("Question", "Qu\u00e9s") + "\n"
+                 + jsonl_text(row(3))).encode().replace(b"\xc3\xa9", b"\xe9")  # one byte of Latin-1 on line 2
+
 DATA_CASES = [
     jsonl_case("missing-field", row(1), without(row(2), "opc"), row(3),
                message=("{path}:2: field 'opc': missing",)),
@@ -136,8 +139,36 @@ DATA_CASES = [
                message=("{path}:4: field 'opb': is null",)),
     jsonl_case("enormous-field", row(1), row(2, question="x" * 30_000), row(3),
                message=("{path}:2: field 'question': is 30,000 characters long (limit 20,000)",)),
-    BadData("invalid-utf8", "data.jsonl", jsonl_text(row(1)).encode() + b'{"question": "caf\xe9?"}\n',
+    BadData("invalid-utf8-line", "data.jsonl", LATIN1_LINE_2,
+            ("{path}:2: field '-': not valid UTF-8 (byte %d of the file" % LATIN1_LINE_2.index(b"\xe9"),), kept=2),
+    BadData("invalid-utf8-csv", "data.csv", CSV_HEADER.encode() + b"Q caf\xe9?,a,b,c,d,4,Anatomy\n",
             ("{path}:2: not valid UTF-8", "save the file as UTF-8")),
+    jsonl_case("json-nested-very-deep", row(1), '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}", row(3),
+               message=("{path}:2: field '-': not valid JSON (nested too deeply)",)),
+    jsonl_case("json-integer-with-thousands-of-digits", row(1), json.dumps(row(2))[:-1] + ', "cop2": ' + "9" * 5000
+               + "}", row(3), message=("{path}:2: field '-': not valid JSON (Exceeds the limit (4300 digits)",)),
+    jsonl_case("lone-surrogate-escape", row(1), json.dumps(row(2)).replace("Question 2", "Question \\ud800"), row(3),
+               message=("{path}:2: field 'question': holds a lone surrogate",)),
+    jsonl_case("lone-surrogate-in-an-optional-field", row(1), json.dumps(row(2, id="r\udfff2")), row(3),
+               message=("{path}:2: field 'id': holds a lone surrogate",)),
+    jsonl_case("u2028-and-u0085-inside-strings-are-not-line-breaks", row(1, question="Q 1\u2028part two\u0085three?"),
+               row(2, opa=None), row(3), message=("{path}:2: field 'opa': is null",)),
+    jsonl_case("json-duplicate-key", row(1), json.dumps(row(2, cop=2))[:-1] + ', "cop": 3}', row(3),
+               message=("{path}:2: field 'cop': is given twice in this row",)),
+    BadData("json-array-duplicate-key", "data.json",
+            "[\n" + ",\n".join([json.dumps(row(1)), json.dumps(row(2))[:-1] + ', "opa": "x"}', json.dumps(row(3))])
+            + "\n]\n", ("{path}:3: field 'opa': is given twice in this row",), kept=2),
+    BadData("csv-field-over-the-csv-module-limit", "data.csv",
+            CSV_HEADER + "Q one?,a,b,c,d,4,Anatomy\n" + "x" * 200_000 + ",a,b,c,d,4,Anatomy\nQ three?,a,b,c,d,1,X\n",
+            ("{path}:3: field 'question': is 200,000 characters long (limit 20,000)",), kept=2),
+    BadData("csv-multi-line-row-reported-by-its-first-line", "data.csv",
+            CSV_HEADER + 'Q one?,a,b,c,d,4,Anatomy\n"Q two,\nspread over\nthree lines?",a,b,c,d,9,Anatomy\n'
+            "Q three?,a,b,c,d,1,X\n", ("{path}:3: field 'cop': '9' is outside 1-4",), kept=2),
+    BadData("csv-duplicated-column", "data.csv", "question,opa,opb,opc,opd,cop,cop\nQ?,a,b,c,d,4,1\n",
+            ("{path}:1: CSV header repeats column(s) ['cop']",)),
+    BadData("symlink-loop", "data.jsonl", "LOOP", ("{path}: a symbolic link loop",)),
+    BadData("dangling-symlink", "data.jsonl", "DANGLING", ("{path}: a symbolic link to a file that does not exist",)),
+    BadData("named-pipe", "data.jsonl", "FIFO", ("{path}: is a named pipe (FIFO), not a regular file",)),
     BadData("utf16-file", "data.jsonl", jsonl_text(row(1)).encode("utf-16"),
             ("{path}:1: not valid UTF-8", "UTF-16 byte-order mark")),
     BadData("empty-file", "data.jsonl", b"", ("{path}: file is empty",)),
@@ -157,6 +188,9 @@ DATA_CASES = [
     BadData("json-array-bad-element", "data.json",
             "[\n" + ",\n".join(json.dumps(r) for r in (row(1), row(2), row(3, opa=None))) + "\n]\n",
             ("{path}:4: field 'opa': is null",), kept=2),
+    BadData("json-array-on-one-line-without-ids", "data.json",  # found by test_fuzz: ids from line numbers collided
+            json.dumps([without(row(1), "id"), without(row(2), "id"), without(row(3, opa=None), "id")]),
+            ("{path}:1 (element 3): field 'opa': is null",), kept=2),
     BadData("one-json-object", "data.json", json.dumps({"data": [row(1), row(2)]}, indent=2),
             ("{path}:1: the file is one JSON object (keys ['data']), not one row per line",)),
     BadData("corrupt-parquet", "data.parquet", b"PAR1 this is not a parquet file", ("{path}: cannot read Parquet",)),
@@ -167,6 +201,12 @@ def write_case(case: BadData, directory: Path) -> Path:
     path = directory / case.name
     if case.content == "DIR":
         path.mkdir()
+    elif case.content == "LOOP":
+        path.symlink_to(path.name)
+    elif case.content == "DANGLING":
+        path.symlink_to("nowhere.jsonl")
+    elif case.content == "FIFO":
+        os.mkfifo(path)
     elif isinstance(case.content, bytes):
         path.write_bytes(case.content)
     elif case.content is not None:
@@ -190,7 +230,7 @@ def test_bad_data_names_file_line_and_field(case, tmp_path):
     # --skip_invalid: the bad row is reported (same line, field and reason), every other row is kept unchanged
     rows, report = load_medmcqa(str(path), cop_base=case.cop_base, skip_invalid=True)
     assert len(report.issues) == 1 and fragments[0] in str(report.issues[0]), (report.issues, fragments)
-    assert len(rows) == case.kept and all(r["line"] != report.issues[0].line for r in rows)
+    assert len(rows) == case.kept and all(str(r["line"]) != str(report.issues[0].line) for r in rows)
     records = [json.loads(line) for line in write_skipped(report, tmp_path / "out").read_text().splitlines()]
     assert [(r["line"], r["field"]) for r in records] == [(report.issues[0].line, report.issues[0].field)]
 
@@ -322,7 +362,7 @@ def prepare_output_not_empty(c):
     (c.tmp / "out").mkdir()
     (c.tmp / "out" / "dataset_dict.json").write_text("{}")
     return (["prepare", "--data", c.rows(), "--output_dir", c.tmp / "out", "--model_name_or_path", c.tiny],
-            [f"{c.tmp / 'out'} is not empty", "--overwrite"])
+            [f"{c.tmp / 'out'} already holds the output of medlora prepare (dataset_dict.json)", "--overwrite true"])
 
 
 @cli_case("prepare-chat-style-without-chat-template")
@@ -556,7 +596,7 @@ def eval_compare_base(c):
 def eval_output_exists(c):
     (c.tmp / "ev").mkdir()
     (c.tmp / "ev" / "summary.json").write_text("{}")
-    return _eval(c), [f"{c.tmp / 'ev'} already holds predictions/summary; pass --overwrite"]
+    return _eval(c), [f"{c.tmp / 'ev'} already holds the output of medlora eval (summary.json); pass --overwrite"]
 
 
 @cli_case("eval-bad-row")
@@ -601,12 +641,12 @@ def bench_unsloth(c):
 @cli_case("bench-unknown-model-spec")
 def bench_unknown_spec(c):
     return (_bench(c, "--model_spec", "nano-half", "--data_path", SAMPLE),
-            ["--model_spec must be tiny, a local dir, or one of ['nano-full', 'nano-quarter']; got 'nano-half'"])
+            ["--model_spec must be tiny, a local model dir, or one of ['nano-full', 'nano-quarter']; got 'nano-half'"])
 
 
 @cli_case("bench-zero-steps")
 def bench_zero_steps(c):
-    return _bench(c, "--bench_steps", "0"), ["--bench_steps must be >= 1, got 0"]
+    return _bench(c, "--bench_steps", "0"), ["--bench_steps must be a whole number from 1 to 100,000, got 0"]
 
 
 @cli_case("train-unknown-fast-checkpoint-block")

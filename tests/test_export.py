@@ -63,9 +63,9 @@ def test_export_never_overwrites_what_it_did_not_write(exported, tmp_path, capsy
     out, run_dir, _ = exported
     adapter = str(run_dir / "adapter")
     code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(out)], capsys)
-    assert code == 2 and "previous export" in err and "--overwrite" in err
+    assert code == 2 and "already holds the output of medlora export" in err and "--overwrite" in err
     code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(run_dir)], capsys)
-    assert code == 2 and "not a medlora export" in err  # the run dir (the adapter's own) is never written into
+    assert code == 2 and "holds the input" in err  # the run dir (the adapter's own) is never written into
     again = tmp_path / "again"
     shutil.copytree(out, again)
     (again / "notes.txt").write_text("mine")

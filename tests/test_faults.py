@@ -95,8 +95,11 @@ def test_an_explicit_torn_checkpoint_is_refused(reference_run, tmp_path, capsys)
     assert exit_info.value.code == 2 and "torn or incomplete" in err and "auto" in err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(signum, tmp_path, tiny_dir):
+@pytest.mark.parametrize("signum, second", [(signal.SIGTERM, None), (signal.SIGINT, None),
+                                            (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(signum, second, tmp_path, tiny_dir):
+    """One signal: checkpoint saved and committed, exit 128 + signal. A second one 50 ms later: aborted at once
+    with its own status and one line, no traceback."""
     from medlora.safety import MARKER, checkpoint_problem
 
     out = tmp_path / "signalled"
@@ -110,6 +113,13 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(signum, tmp_path, tiny_dir)
             break
     assert steps_logged == 3, f"run ended (exit {proc.poll()}) before three steps were logged"
     proc.send_signal(signum)
+    if second is not None:
+        time.sleep(0.05)
+        proc.send_signal(second)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + second, stderr[-3000:]
+        assert "Traceback" not in stderr and stderr.count("medlora: stopped: a second signal") == 1, stderr[-3000:]
+        return
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr and f"{signal.Signals(signum).name} at step" in stderr

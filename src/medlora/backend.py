@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medlora.errors import ConfigError
+from medlora.errors import ConfigError, shown
 
 NAMES = ("hf", "unsloth", "fast")  # what `--backend` takes; the bench also takes hf+triton and fast[...]@sm80
 
@@ -47,17 +47,22 @@ class Backend:
             if unknown:
                 raise ConfigError(f"{option} {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
             return cls("fast", levers, arch)
-        raise ConfigError(f"{option}: unknown backend {spec!r} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
+        raise ConfigError(f"{option}: unknown backend {shown(spec)} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
                           "hf+triton)")
 
     @classmethod
     def from_run(cls, run) -> "Backend":
         """The backend of `medlora train`'s RunArguments (--backend, --fast_levers, --fast_gpu_arch)."""
         if run.backend not in NAMES:
-            raise ConfigError(f"--backend must be one of {NAMES}, got {run.backend!r}")
+            raise ConfigError(f"--backend must be one of {NAMES}, got {shown(run.backend)}")
         if run.backend != "fast":
             return cls(run.backend)
         return cls("fast", tuple(run.fast_levers), run.fast_gpu_arch)
+
+    @property
+    def family(self) -> str:
+        """What a comparison groups by: hf, hf+triton, unsloth or fast (fast's lever variants are one family)."""
+        return "hf+triton" if self.triton_mamba_ops else self.name
 
     @property
     def is_fast(self) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import LoraArguments, ModelArguments
-from medlora.backend import Backend  # noqa: F401 - the loaders take it
+from medlora.backend import Backend
 from medlora.errors import ConfigError, MedloraError
 
 def require_unsloth() -> None:
@@ -52,7 +52,12 @@ def requested_backend(argv: list[str]) -> str | None:
 
 def import_unsloth_first(argv: list[str]) -> None:
     """Import Unsloth before transformers when the command asks for it (flag or YAML key)."""
-    if requested_backend(argv) == "unsloth":
+    requested = requested_backend(argv)
+    try:
+        unsloth = requested is not None and Backend.parse(requested, "--backend").is_unsloth
+    except ConfigError:
+        return  # parse_config reports the bad value
+    if unsloth:
         require_unsloth()
 
 
@@ -87,6 +92,9 @@ def load_unsloth(model_args: ModelArguments, lora_args: LoraArguments, max_lengt
             model_name=path, max_seq_length=max_length, dtype=resolve_dtype(model_args.torch_dtype),
             load_in_4bit=model_args.load_in_4bit, full_finetuning=False, trust_remote_code=False,
         )
+        from medlora.model import check_lora_targets
+
+        check_lora_targets(model, lora_args)
         model = FastLanguageModel.get_peft_model(
             model, r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
             target_modules=list(lora_args.lora_target_modules),

@@ -29,7 +29,7 @@ from typing import Any
 
 from medlora.config import LoraArguments
 from medlora.model import NANO_CONFIG, NANO_PATTERN, SPECS, build_in_memory  # noqa: F401 - the bench's specs
-from medlora.errors import MedloraError
+from medlora.errors import ConfigError, MedloraError, shown
 
 MEDMCQA_TRAIN_QUESTIONS = 182_822
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -72,9 +72,27 @@ class BenchArguments:
         import torch
 
         from medlora.backend import Backend
-        from medlora.config import need
+        from medlora.config import need, need_count, need_file_tag, need_number, need_text
 
         need(bool(self.backends), "--backends: name at least one backend")
+        need_text(self.model_spec, "--model_spec")
+        need_text(self.data_path, "--data_path")
+        need_text(self.results_dir, "--results_dir")
+        need_text(self.model_cache_dir, "--model_cache_dir")
+        need_count(self.bench_steps, "--bench_steps", 1, 10**5)
+        need_count(self.bench_warmup_steps, "--bench_warmup_steps", 0, 10**5)
+        need_count(self.rounds, "--rounds", 1, 1000)
+        need_count(self.nproc_per_node, "--nproc_per_node", 1, 1024)
+        need_count(self.per_device_train_batch_size, "--per_device_train_batch_size", 1, 65536)
+        need_count(self.max_length, "--max_length", 17, 10**6)
+        need_count(self.seed, "--seed", 0, 2**32 - 1)
+        need_number(self.learning_rate, "--learning_rate", 0, 1, low_open=True)
+        need(self.experts_implementation in (None, "eager", "batched_mm", "grouped_mm"),
+             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {shown(self.experts_implementation)}")
+        need_text(self.optim, "--optim")
+        need_file_tag(self.tag)
+        need(self.model_spec == "tiny" or self.model_spec in SPECS or _is_dir(self.model_spec),
+             f"--model_spec must be tiny, a local model dir, or one of {sorted(SPECS)}; got {shown(self.model_spec)}")
         for spec in self.backends:
             backend = Backend.parse(spec)
             batch, _ = settings_for(self, spec)
@@ -93,7 +111,14 @@ class BenchArguments:
                           ("nproc_per_node", 1)):
             need(getattr(self, name) >= low, f"--{name} must be >= {low}, got {getattr(self, name)}")
         need(not self.in_memory or self.model_spec in ("tiny", *SPECS),
-             f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {self.model_spec!r}")
+             f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {shown(self.model_spec)}")
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # a name too long for the file system is no directory
+        return False
 
 
 def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
@@ -107,7 +132,7 @@ def build_random_model(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
     from medlora.model import write_model_dir
 
     if spec not in SPECS:
-        raise MedloraError(f"--model_spec must be tiny, a local dir, or one of {sorted(SPECS)}; got {spec!r}")
+        raise MedloraError(f"--model_spec must be tiny, a local dir, or one of {sorted(SPECS)}; got {shown(spec)}")
 
     def write(tmp: Path) -> None:  # single process: save_pretrained's rank-0 rule is no concern here
         model, tokenizer = build_in_memory(spec, seed, "cuda" if torch.cuda.is_available() else None)
@@ -165,12 +190,12 @@ def per_backend(entries: list[str], spec: str, default, cast, option: str):
     for entry in entries:
         name, sep, value = entry.partition("=")
         if not sep:
-            raise MedloraError(f"--{option}: {entry!r} is not backend=value")
+            raise ConfigError(f"--{option}: {shown(entry)} is not backend=value")
         if name == spec:
             try:
                 return cast(value)
             except ValueError:
-                raise MedloraError(f"--{option}: {entry!r}: bad value {value!r}") from None
+                raise ConfigError(f"--{option}: {shown(entry)}: bad value {shown(value)}") from None
     return default
 
 
@@ -403,7 +428,10 @@ def run_bench(args: BenchArguments, lora: LoraArguments) -> Path:
 
     from medlora.data import load_medmcqa
 
+    from medlora.outputs import check_writable
+
     args.validate()
+    check_writable(Path(args.results_dir), "--results_dir")  # before minutes of GPU time, not after
     load_medmcqa(args.data_path, evaluation=True)  # a bad data file is reported here, not in every worker
     if not args.in_memory:
         model_path_for(args)  # build once, before the timed workers
@@ -464,8 +492,10 @@ def write_results(args: BenchArguments, lora: LoraArguments, runs: dict[str, lis
             for r in results:
                 if r["tokens_per_s"]:
                     r["speedup_vs_" + base["backend"]] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-    json_path.write_text(json.dumps(out, indent=2) + "\n")
-    json_path.with_suffix(".md").write_text(markdown_table(out) + "\n")
+    from medlora.outputs import write_atomic
+
+    write_atomic(json_path, json.dumps(out, indent=2) + "\n")  # a full disk never leaves a half-written result
+    write_atomic(json_path.with_suffix(".md"), markdown_table(out) + "\n")
     plot(out, json_path.with_suffix(".png"))
     return out
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medlora.config import (DataArguments, EvalArguments, LoraArguments, ModelArguments, PrepareArguments, need,
-                            parse_config, training_sections, validate)
-from medlora.errors import ConfigError, MedloraError, main_guard
+                            need_count, need_text, parse_config, training_sections, validate)
+from medlora.errors import ConfigError, MedloraError, main_guard, shown
 
 # ---------------------------------------------------------------- the commands' own arguments
 
@@ -30,6 +30,8 @@ class AskArguments:
     def validate(self) -> None:
         need(len(self.options) == 4, f"--options: expected 4 arguments (A B C D), got {len(self.options)}")
         need(self.max_new_tokens >= 1, f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+        need_count(self.max_new_tokens, "--max_new_tokens", 1, 8192)
+        need_text(self.adapter, "--adapter", optional=True)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class InspectArguments:
 
     def validate(self) -> None:
         need(self.num_examples >= 1, f"--num_examples needs a positive integer, got {self.num_examples}")
+        need_count(self.num_examples, "--num_examples", 1, 10**6)
 
 
 @dataclass
@@ -45,11 +48,17 @@ class BuildTinyArguments:
     output_dir: str = field(default=ModelArguments().tiny_cache_dir, metadata={
         "help": "where the tiny model goes (also accepted as the first, positional argument)"})
 
+    def validate(self) -> None:
+        need_text(self.output_dir, "--output_dir")
+
 
 @dataclass
 class EnvArguments:
     json: bool = field(default=False, metadata={"help": "print the report as JSON"})
     fast_gpu_arch: str = field(default="auto", metadata={"help": "as in train: auto, or sm80 (the A100 path)"})
+
+    def validate(self) -> None:
+        need(self.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {shown(self.fast_gpu_arch)}")
 
 
 @dataclass
@@ -57,6 +66,9 @@ class SetupKernelsArguments:
     source: str | None = field(default=None, metadata={
         "help": "a local copy of mamba_ssm-2.3.2.post1.tar.gz (checked against the pinned SHA-256) instead of PyPI",
         "aliases": ["--from"]})
+
+    def validate(self) -> None:
+        need_text(self.source, "--from", optional=True)
 
 
 # ---------------------------------------------------------------- what each command does
@@ -66,6 +78,11 @@ def run_train(argv, model, lora, data, run, train_args) -> None:
     from medlora.train import train
 
     train(model, lora, data, run, train_args)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # every rank finished: close the group before exit, so no
+        dist.barrier()  # communication thread is still alive when the interpreter tears down (an abort, -6)
+        dist.destroy_process_group()
 
 
 def run_eval(argv, model_args, data_args, eval_args) -> None:
@@ -133,12 +150,12 @@ def run_report(argv, args) -> None:
 def run_export(argv, model_args, export_args) -> None:
     from medlora.export import export
 
+    from medlora.evaluate import read_adapter
+
+    export_args.validate()
+    config = read_adapter(export_args.adapter)
     if "--model_name_or_path" not in argv:  # default: the base the adapter was trained on
-        try:
-            config = json.loads((Path(export_args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-            model_args.model_name_or_path = config.get("base_model_name_or_path") or model_args.model_name_or_path
-        except (OSError, ValueError, AttributeError):
-            pass  # export() names the problem with the adapter dir
+        model_args.model_name_or_path = config.get("base_model_name_or_path") or model_args.model_name_or_path
     summary = export(model_args, export_args)
     check = summary["check"]
     print(f"wrote {export_args.output_dir}: {summary['tensors']} tensors in {len(summary['shards'])} file(s), "
@@ -307,8 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         import difflib
 
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
-        raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}"
-                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown command {shown(argv[0])}; commands: {', '.join(COMMANDS)}"
+                          + (f" (did you mean {shown(close[0])}?)" if close else ""))
     run_command(argv[0], argv[1:])
 
 

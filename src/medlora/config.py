@@ -22,7 +22,7 @@ import yaml
 
 from medlora.backend import Backend
 from medlora.fast import CHECKPOINT_BLOCKS, DEFAULT_LEVERS, LEVERS
-from medlora.errors import ConfigError, MedloraError, main_guard  # noqa: F401 - re-exported
+from medlora.errors import ConfigError, MedloraError, bounded, main_guard, shown  # noqa: F401 - re-exported
 
 TINY_MODEL = "tiny"
 REAL_MODEL = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
@@ -32,6 +32,42 @@ def need(ok: bool, message: str) -> None:
     """A validator's one check: ConfigError with the message (which names the option) when `ok` is false."""
     if not ok:
         raise ConfigError(message)
+
+
+def need_text(value: Any, option: str, optional: bool = False) -> None:
+    """A path or name: not empty (None only where `optional`)."""
+    if value is None and optional:
+        return
+    need(isinstance(value, str) and value.strip() != "", f"{option} is empty; give a value")
+
+
+def need_file_tag(value: Any, option: str = "--tag") -> None:
+    """A suffix that goes into a result file name: short, and no spaces, slashes or other path characters."""
+    import re
+
+    need(isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._+-]{0,64}", value) is not None,
+         f"{option} goes into the result file name: letters, digits and . _ + - only, at most 64; got {shown(value)}")
+
+
+def need_count(value: Any, option: str, low: int = 1, high: int = 10**8, optional: bool = False) -> None:
+    """A whole number in [low, high] (None only where `optional`). The upper bound refuses the absurd."""
+    if value is None and optional:
+        return
+    need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+         f"{option} must be a whole number from {low:,} to {high:,}, got {shown(value)}")
+
+
+def need_number(value: Any, option: str, low: float, high: float = float("inf"), low_open: bool = False,
+                optional: bool = False) -> None:
+    """A finite number in [low, high] (or (low, high] where `low_open`)."""
+    import math
+
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if low_open else value >= low) and value <= high
+    need(ok, f"{option} must be a finite number {'>' if low_open else '>='} {low:g}"
+         + (f" and <= {high:g}" if high != float("inf") else "") + f", got {shown(value)}")
 
 
 @dataclass
@@ -50,10 +86,16 @@ class ModelArguments:
     tiny_cache_dir: str = field(default="outputs/tiny-nemotron-h", metadata={"help": "where 'tiny' is built"})
 
     def validate(self) -> None:
+        need_text(self.model_name_or_path, "--model_name_or_path")
+        need_text(self.tiny_cache_dir, "--tiny_cache_dir")
+        need_text(self.revision, "--revision", optional=True)
+        need(self.attn_implementation in ("eager", "sdpa", "flash_attention_2", "flash_attention_3"),
+             f"--attn_implementation must be eager, sdpa, flash_attention_2 or flash_attention_3, got "
+             f"{shown(self.attn_implementation)}")
         need(self.torch_dtype in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
-             f"--torch_dtype: unknown dtype {self.torch_dtype!r}")
+             f"--torch_dtype: unknown dtype {shown(self.torch_dtype)}")
         need(self.experts_implementation in (None, "eager", "batched_mm", "grouped_mm"),
-             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {self.experts_implementation!r}")
+             f"--experts_implementation must be eager, batched_mm or grouped_mm, got {shown(self.experts_implementation)}")
 
 
 @dataclass
@@ -73,7 +115,12 @@ class LoraArguments:
 
     def validate(self) -> None:
         need(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
+        need_count(self.lora_r, "--lora_r", 1, 4096)
         need(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
+        need_count(self.lora_alpha, "--lora_alpha", 1, 10**6)
+        for name in ("lora_target_modules", "lora_target_parameters"):
+            for target in getattr(self, name):
+                need_text(target, f"--{name} (an entry)")
         need(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.lora_target_modules or self.lora_target_parameters), "no LoRA targets given")
         forbidden = {"out_proj", "conv1d"} & {t.split(".")[-1] for t in self.lora_target_modules}
@@ -115,12 +162,19 @@ class DataArguments:
                 "the prompt (<think></think>, masked); answers never contain think tags"})
 
     def validate(self) -> None:
-        need(self.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {self.style!r}")
-        need(self.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {self.cop_base!r}")
+        need_text(self.data_path, "--data_path")
+        need_text(self.eval_data_path, "--eval_data_path", optional=True)
+        need_text(self.train_split, "--train_split")
+        need_text(self.eval_split, "--eval_split")
+        need_text(self.stop_token, "--stop_token")
+        need_count(self.split_seed, "--split_seed", 0, 2**32 - 1)
+        need(self.style in ("plain", "chat"), f"--style must be 'plain' or 'chat', got {shown(self.style)}")
+        need(self.cop_base in ("auto", "0", "1"), f"--cop_base must be auto, 0 or 1, got {shown(self.cop_base)}")
         need(0 < self.eval_fraction < 1, f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{name} must be positive, got {value}")
+            need_count(value, f"--{name}", optional=True)
 
 
 @dataclass
@@ -150,9 +204,11 @@ class RunArguments:
         backend = Backend.from_run(self)  # refuses an unknown --backend
         need(self.eval_accuracy_samples >= 0, "--eval_accuracy_samples must be >= 0")
         need(self.eval_batch_size > 0, "--eval_batch_size must be positive")
+        need_count(self.eval_accuracy_samples, "--eval_accuracy_samples", 0)
+        need_count(self.eval_batch_size, "--eval_batch_size", 1, 4096)
         unknown = set(self.fast_levers) - set(LEVERS)
         need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {LEVERS}")
-        need(not self.fsdp2 or backend.supports_fsdp2, f"--fsdp2: backend {self.backend!r} is not supported with "
+        need(not self.fsdp2 or backend.supports_fsdp2, f"--fsdp2: backend {shown(self.backend)} is not supported with "
              "FSDP2 (fast calls each block's mixers directly, bypassing FSDP2's per-block all-gather; Unsloth patches "
              "the model itself); use --backend hf, or DDP without --fsdp2")
         need(not self.fsdp2 or os.environ.get("WORLD_SIZE") is not None, "--fsdp2 needs a distributed launch: "
@@ -160,7 +216,9 @@ class RunArguments:
         need(not (self.fsdp2 and train is not None and train.resume_from_checkpoint), "--fsdp2 with "
              "--resume_from_checkpoint: FSDP2 checkpoints hold the adapter only (no optimizer state), so a run "
              "cannot resume from them; start a new run")
-        need(self.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {self.fast_gpu_arch!r}")
+        need(self.fast_gpu_arch in ("auto", "sm80"), f"--fast_gpu_arch must be auto or sm80, got {shown(self.fast_gpu_arch)}")
+        need(not (self.overwrite and train is not None and train.resume_from_checkpoint), "--overwrite true with "
+             "--resume_from_checkpoint: one replaces the run, the other continues it; pass one of them")
         unknown = set(self.fast_checkpoint_blocks) - set(CHECKPOINT_BLOCKS)
         need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
 
@@ -168,6 +226,39 @@ class RunArguments:
 def validate_sft(train: Any, run: RunArguments | None = None) -> None:
     """TRL's SFTConfig is not ours to extend: its checks live here, next to the sections it is used with."""
     need(train.max_steps > 0 or train.num_train_epochs > 0, "set --max_steps or --num_train_epochs")
+    need_text(train.output_dir, "--output_dir")
+    need(train.max_steps == -1 or 1 <= train.max_steps <= 10**8, f"--max_steps must be -1 (use --num_train_epochs) or "
+         f"a whole number from 1 to 100,000,000, got {train.max_steps}")
+    if train.max_steps <= 0:
+        need_number(train.num_train_epochs, "--num_train_epochs", 0, 10**4, low_open=True)
+    for name, high in (("per_device_train_batch_size", 65536), ("per_device_eval_batch_size", 65536),
+                       ("gradient_accumulation_steps", 65536)):
+        need_count(getattr(train, name), f"--{name}", 1, high)
+    need_count(train.seed, "--seed", 0, 2**32 - 1)
+    need_count(train.dataloader_num_workers, "--dataloader_num_workers", 0, 256)
+    need_count(train.save_total_limit, "--save_total_limit", 1, 10**6, optional=True)
+    for name in ("save_steps", "logging_steps"):
+        need_number(getattr(train, name), f"--{name}", 0, 10**8, low_open=True)
+    need_number(train.eval_steps, "--eval_steps", 0, 10**8, low_open=True, optional=True)
+    need_number(train.warmup_steps, "--warmup_steps", 0, 10**8)
+    need_number(train.learning_rate, "--learning_rate", 0, 1, low_open=True)
+    need_number(train.weight_decay, "--weight_decay", 0, 1e3)
+    need_number(train.max_grad_norm, "--max_grad_norm", 0, optional=True)
+    for name, low, high in (("adam_beta1", 0, 1), ("adam_beta2", 0, 1), ("label_smoothing_factor", 0, 1)):
+        need(isinstance(getattr(train, name), (int, float)) and low <= getattr(train, name) < high,
+             f"--{name} must be in [{low}, {high}), got {shown(getattr(train, name))}")
+    need_number(train.adam_epsilon, "--adam_epsilon", 0, 1, low_open=True)
+    need_number(train.neftune_noise_alpha, "--neftune_noise_alpha", 0, 1e3, optional=True)
+    need_number(train.router_aux_loss_coef, "--router_aux_loss_coef", 0, 1e3, optional=True)
+    need_number(train.eval_delay, "--eval_delay", 0, 10**8)
+    need_count(train.data_seed, "--data_seed", 0, 2**32 - 1, optional=True)
+    need_count(train.eval_accumulation_steps, "--eval_accumulation_steps", 1, 10**6, optional=True)
+    need_count(train.ddp_bucket_cap_mb, "--ddp_bucket_cap_mb", 1, 10**5, optional=True)
+    need_count(train.ddp_timeout, "--ddp_timeout", 1, 10**7)
+    need_count(train.local_rank, "--local_rank", -1, 65535)  # set by launchers; -1: not distributed
+    need_count(train.dataset_num_proc, "--dataset_num_proc", 1, 1024, optional=True)
+    need_count(train.pad_to_multiple_of, "--pad_to_multiple_of", 1, 4096, optional=True)
+    need_count(train.max_length, "--max_length", 17, 10**7, optional=True)
     need(not getattr(train, "hub_token", None), "--hub_token: pass the Hugging Face token through HF_TOKEN or "
          "`hf auth login`, never as a flag or config key (it would be written into every checkpoint's "
          "training_args.bin)")
@@ -192,9 +283,14 @@ class EvalArguments:
     eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass"})
 
     def validate(self) -> None:
+        need_text(self.output_dir, "--output_dir")
+        need_text(self.adapter, "--adapter", optional=True)
         for name, low in (("limit", 1), ("eval_batch_size", 1), ("bootstrap_samples", 0)):
             value = getattr(self, name)  # a negative --limit would silently drop rows from the end
             need(value is None or value >= low, f"--{name} must be {'positive' if low else '>= 0'}, got {value}")
+        need_count(self.limit, "--limit", optional=True)
+        need_count(self.eval_batch_size, "--eval_batch_size", 1, 4096)
+        need_count(self.bootstrap_samples, "--bootstrap_samples", 0, 10**6)
         need(not self.compare_base or bool(self.adapter),
              "--compare_base compares the base model with an adapter: pass --adapter DIR too")
 
@@ -207,6 +303,10 @@ class PrepareArguments:
     deidentify: bool = field(default=False, metadata={"help": "replace e-mails, phones, record ids, DOBs, street "
                                                               "addresses and titled names with placeholders "
                                                               "(regex; README 'De-identification')"})
+
+    def validate(self) -> None:
+        need_text(self.output_dir, "--output_dir")
+        need_number(self.test_fraction, "--test_fraction", 0, 0.9)
 
 
 def _field_map(sections: Sequence[type]) -> dict[str, tuple[type, dataclasses.Field]]:
@@ -258,10 +358,28 @@ def _unused_arguments(sections: Sequence[type], where: str, message: str) -> Con
 def _parse(sections: Sequence[type], prog: str, where: str, argv: list[str]) -> tuple:
     try:
         return _Parser(sections, prog, where).parser.parse_args_into_dataclasses(argv)
-    except (ValueError, TypeError) as err:  # raised by the dataclasses' own __post_init__ checks
+    except (ValueError, TypeError, ArithmeticError) as err:  # the dataclasses' own __post_init__ checks (int(inf))
         if isinstance(err, ConfigError):
             raise
+        if isinstance(err, ArithmeticError):  # int(inf) in a __post_init__: name the flag that holds it
+            flags = [f"{a} {b}" for a, b in zip(argv, argv[1:]) if a.startswith("--") and _not_finite(b)]
+            raise ConfigError(f"{where}: {', '.join(flags) or 'a value'}: must be a finite number ({err})") from None
         raise _unused_arguments(sections, where, str(err)) or ConfigError(f"{where}: {err}") from None
+    except ImportError as err:  # an option that needs a package medlora does not install (--deepspeed)
+        given = [a for a in argv if a.startswith("--")]
+        raise ConfigError(f"{where}: an option needs a package that is not installed ({bounded(err, 200)}); "
+                          f"options given: {bounded(' '.join(given), 200)}") from None
+    except (KeyError, AttributeError, OSError, RuntimeError) as err:  # other __post_init__ checks of the libraries
+        raise ConfigError(f"{where}: {type(err).__name__}: {bounded(err, 300)}") from None
+
+
+def _not_finite(text: str) -> bool:
+    import math
+
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _yaml_to_argv(config: dict[str, Any]) -> list[str]:
@@ -291,8 +409,19 @@ def _annotation(section: type, f: dataclasses.Field) -> str:
     return str(f.type)
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one)."""
+    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one) and any alias (`*name`): a
+    config never needs one, and a few nested aliases expand into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{mark.line + 1}: YAML aliases (*name) are not accepted in a medlora config; "
+                              "write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -315,13 +444,19 @@ def read_yaml_mapping(path: str) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" if not p.exists() else
+                          f"config file {path} is not a regular file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {p.stat().st_size:,} bytes; a medlora config is a few kB "
+                          f"(limit {MAX_CONFIG_BYTES:,})")
     try:
         config = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a medlora config") from None
     except ConfigError as err:
         raise ConfigError(f"{path}:{err}") from None
     if config is None:
@@ -345,7 +480,7 @@ def load_yaml(path: str, sections: Sequence[type], also_known: Sequence[type] = 
         value = config[key]
         for container, name in ((list, "list"), (dict, "dict")):
             if isinstance(value, container) and name not in kind:  # would turn into several flags / a JSON string
-                raise ConfigError(f"{path}: key '{key}' takes a single value, got a {name} {value!r}")
+                raise ConfigError(f"{path}: key '{key}' takes a single value, got a {name} {shown(value)}")
     # A key is used only by the section that owns it in training configs: `output_dir` in a training
     # file is the run's directory, not `medlora eval`'s output directory.
     return {k: v for k, v in config.items() if k in known and (k not in other or other[k][0] is known[k][0])}
@@ -360,9 +495,15 @@ def parse_config(argv: Sequence[str] | None, sections: Sequence[type], prog: str
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    given = [i for i, a in enumerate(argv) if a == "--config"]
+    if len(given) > 1:
+        files = [argv[i + 1] if i + 1 < len(argv) else "?" for i in given]
+        raise ConfigError(f"--config is given {len(given)} times ({', '.join(files)}); pass one file (flags after "
+                          "it override its values)")
+    if given:
+        i = given[0]
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise ConfigError("--config needs a file path")
         config_path = argv[i + 1]
         argv = argv[:i] + argv[i + 2 :]

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import io
 import json
+import os
 import random
 import re
+import stat
+import sys
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from medlora.errors import DataError  # noqa: F401 - re-exported
+from medlora.errors import DataError, bounded, describe_os_error, shown  # noqa: F401 - re-exported
 from medlora.formatting import (LETTERS, OPTION_FIELDS, FormatOptions, choose_stop_token, encode_example,
                                 format_record)
 
@@ -85,8 +89,47 @@ def format_issues(issues: list[RowIssue], what: str = "invalid rows") -> str:
 # ---------------------------------------------------------------- reading
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+def display_path(path: Path | str) -> str:
+    """The path as printable UTF-8 text: a file name that is not valid UTF-8 shows its bad bytes as \\xNN
+    (instead of breaking every later print, JSON file and Arrow table that carries the name)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate (a JSON `\\ud800` escape) shown as `\\ud800`, so it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Object(dict):
+    """A JSON object whose text gave a key more than once (json keeps the last value silently)."""
+
+    duplicate_keys: list[str]
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _Object(pairs) if len({k for k, _ in pairs}) < len(pairs) else dict(pairs)
+    if isinstance(obj, _Object):
+        counts = Counter(k for k, _ in pairs)
+        obj.duplicate_keys = [k for k, n in counts.items() if n > 1]
+    return obj
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads that keeps duplicated keys visible and turns the parser's other failures into ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    # json.JSONDecodeError is a ValueError; so is an integer with more digits than Python converts (4,300)
+
+
+def _json_problem(err: ValueError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON ({err.msg} at column {err.colno})"
+    return f"not valid JSON ({bounded(err, 120)})"
+
+
+def _decode(path: Path, raw: bytes) -> str:
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it rather than corrupt field 1
     try:
@@ -95,26 +138,64 @@ def _decode(path: Path) -> str:
         line = raw[: err.start].count(b"\n") + 1
         hint = "; the file starts with a UTF-16 byte-order mark: save it as UTF-8" if raw[:2] in (
             b"\xff\xfe", b"\xfe\xff") else "; save the file as UTF-8"
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}: {err.reason}){hint}") from None
+        raise DataError(f"{display_path(path)}:{line}: not valid UTF-8 (byte {err.start}: {err.reason}){hint}") from None
 
 
-def _read_json_lines(path: Path, text: str) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+def _read_json_lines(path: Path, raw: bytes) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    """Rows of a JSON-lines file. Lines are split on b"\\n" only: U+2028 or U+0085 inside a string is text, not
+    a line break (str.splitlines would cut the row in two and shift every later line number). Each line is
+    decoded on its own, so one line that is not UTF-8 is one invalid row, not a lost file."""
     rows, issues = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    name = display_path(path)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    offset = 0
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        start, offset = offset, offset + len(chunk) + 1
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            issues.append(RowIssue(name, number, "-", f"not valid UTF-8 (byte {start + err.start} of the file: "
+                                   f"{err.reason})", chunk.decode("utf-8", "backslashreplace")))
+            continue
         if not line.strip():
             continue  # blank lines carry no row
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            issues.append(RowIssue(str(path), number, "-", f"not valid JSON ({err.msg} at column {err.colno})", line))
+            obj = _parse_json(line)
+        except ValueError as err:
+            issues.append(RowIssue(name, number, "-", _json_problem(err), line))
             continue
         rows.append((number, obj))
     return rows, issues
 
 
+class Position(int):
+    """The line a JSON array's element starts on, when other elements start on that line too (a compact array):
+    printed as "1 (element 3)", so a message still points at one row; its row id uses the element number."""
+
+    element: int
+
+    def __new__(cls, line: int, element: int):
+        obj = super().__new__(cls, line)
+        obj.element = element
+        return obj
+
+    def __format__(self, spec: str) -> str:
+        if spec == "id":
+            return f"{int(self)}.{self.element}"
+        return f"{int(self)} (element {self.element})"
+
+    __str__ = lambda self: format(self, "")  # noqa: E731
+
+
+def _positions(lines: list[int]) -> list[int]:
+    shared = {line for line, n in Counter(lines).items() if n > 1}
+    return [Position(line, i) if line in shared else line for i, line in enumerate(lines, start=1)]
+
+
 def _line_numbers_of_array(text: str) -> list[int]:
     """Line on which each top-level element of a JSON array starts (for messages)."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_pairs)
     idx = text.index("[") + 1
     lines = []
     while True:
@@ -126,60 +207,119 @@ def _line_numbers_of_array(text: str) -> list[int]:
         _, idx = decoder.raw_decode(text, idx)
 
 
+def _read_csv(path: Path, text: str) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    """Rows of a CSV file, each numbered by the physical line it starts on (a quoted field may span lines)."""
+    name = display_path(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # an over-long field is a row problem (MAX_FIELD_CHARS), not a crash
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        rows, issues = [], []
+        header, previous = None, 0
+        for cells in reader:
+            first, previous = previous + 1, reader.line_num
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = cells
+                repeated = [c for c, n in Counter(header).items() if n > 1]
+                if repeated:
+                    raise DataError(f"{name}:{first}: CSV header repeats column(s) {repeated}: which one holds "
+                                    "the value would be a guess; rename or remove the copy")
+                missing = [f for f in REQUIRED_FIELDS if f not in header]
+                if missing:
+                    raise DataError(f"{name}:{first}: CSV header lacks column(s) {missing}; header is "
+                                    f"{bounded(header, 300)}")
+                continue
+            if len(cells) != len(header):  # columns would shift: every later field would be wrong
+                issues.append(RowIssue(name, first, "-", f"has {len(cells)} cells but the header has {len(header)} "
+                                       "(an unquoted comma or quote?)", cells))
+                continue
+            rows.append((first, dict(zip(header, cells))))
+    except csv.Error as err:
+        raise DataError(f"{name}:{reader.line_num}: not valid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows, issues
+
+
 def read_raw_rows(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
     """(line, object) pairs from a local file, plus rows that could not even be parsed."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; pass a .jsonl/.json/.parquet/.csv file or a prepared dataset dir")
+    name = display_path(path)
+    try:
+        info = path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"{name}: a symbolic link loop (the link points, in the end, back at itself)") from None
+        if path.is_symlink():
+            raise DataError(f"{name}: a symbolic link to a file that does not exist ({os.readlink(path)})") from None
+        if err.errno == errno.ENOENT:
+            raise DataError(f"{name}: no such file") from None
+        raise DataError(f"{name}: cannot read it ({describe_os_error(err)})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{name}: is a directory without a prepared dataset (no dataset_dict.json from "
+                        "`medlora prepare`); pass a .jsonl/.json/.parquet/.csv file or a prepared dataset dir")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device")
+        raise DataError(f"{name}: is {kind}, not a regular file; medlora reads data files whole (it needs their "
+                        "size and checksum), so save the data to a file first")
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{name}: unknown file type {shown(suffix)}; use one of {sorted(LOCAL_SUFFIXES)}")
+    if info.st_size == 0:
+        raise DataError(f"{name}: file is empty")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
+        except OSError as err:
+            raise DataError(f"{name}: cannot read Parquet ({bounded(err, 300)})") from None
         except Exception as err:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: cannot read Parquet ({err})") from None
+            raise DataError(f"{name}: cannot read Parquet ({type(err).__name__}: {bounded(err, 300)})") from None
+        repeated = [c for c, n in Counter(table.column_names).items() if n > 1]
+        if repeated:
+            raise DataError(f"{name}: repeats column(s) {repeated}; rename or remove the copy")
         return [(i + 1, row) for i, row in enumerate(table.to_pylist())], []
-    text = _decode(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}:1: CSV header lacks column(s) {missing}; header is {reader.fieldnames}")
-        rows, issues = [], []
-        width = len(reader.fieldnames)
-        for row in reader:  # DictReader's line_num is the physical line where the row ended
-            cells = width + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k is not None)
-            if cells != width:  # extra cells land under None, missing ones read as None: columns would shift
-                issues.append(RowIssue(str(path), reader.line_num, "-", f"has {cells} cells but the header has "
-                                       f"{width} (an unquoted comma or quote?)", dict(row)))
-            else:
-                rows.append((reader.line_num, dict(row)))
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{name}: cannot read it ({describe_os_error(err)})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        _decode(path, raw)  # a UTF-16 file: refused whole, with the hint to save it as UTF-8
+    if suffix == ".jsonl" or suffix == ".json" and not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        # .jsonl, or .json holding JSON lines (as the official MedMCQA files do); one object spread over
+        # several lines is a common mistake, told apart from JSON lines first
+        if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") and b"\n" in raw.strip():
+            try:
+                whole = _parse_json(_decode(path, raw))
+            except (ValueError, DataError):
+                whole = None  # JSON lines: parsed line by line below
+            if isinstance(whole, dict):
+                raise DataError(f"{name}:1: the file is one JSON object (keys {bounded(list(whole)[:5], 200)}), "
+                                "not one row per line; write JSON lines (one row object per line) or a JSON "
+                                "array of rows")
+        rows, issues = _read_json_lines(path, raw)
+        if not rows and not issues:
+            raise DataError(f"{name}: file is empty")
         return rows, issues
-    stripped = text.lstrip()
-    if stripped.startswith("{") and "\n" in stripped.rstrip():
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # JSON lines: parsed line by line below
-        if isinstance(whole, dict):
-            raise DataError(f"{path}:1: the file is one JSON object (keys {list(whole)[:5]}), not one row per line; "
-                            "write JSON lines (one row object per line) or a JSON array of rows")
-    if suffix == ".json" and stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        return list(zip(_line_numbers_of_array(text), data)), []
-    # .jsonl, or .json holding JSON lines (as the official MedMCQA files do)
-    return _read_json_lines(path, text)
+    text = _decode(path, raw)
+    if not text.strip():
+        raise DataError(f"{name}: file is empty")
+    if suffix == ".csv":
+        return _read_csv(path, text)
+    try:
+        data = _parse_json(text)
+        lines = _line_numbers_of_array(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{name}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{name}: {_json_problem(err) if isinstance(err, ValueError) else 'nested too deeply'}"
+                        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{name}: a JSON array of rows was expected, got {type(data).__name__}")
+    return list(zip(_positions(lines), data)), []
 
 
 # ---------------------------------------------------------------- validation
@@ -249,6 +389,8 @@ def row_problem(obj: dict[str, Any], from_text: bool = False,
 
     `required=("question", *OPTION_FIELDS)` checks a question without an answer (what `medlora ask` gets).
     """
+    for name in getattr(obj, "duplicate_keys", ()):
+        return name, "is given twice in this row (JSON keeps only the last value silently); keep one"
     for name in required:
         if name not in obj:
             typo = difflib.get_close_matches(name, [str(k) for k in obj if k not in KNOWN_FIELDS], n=1)
@@ -269,7 +411,18 @@ def row_problem(obj: dict[str, Any], from_text: bool = False,
         value = obj.get(name)
         if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
             return name, f"must be a string or null, got {type(value).__name__}"
+    for name in (*required, *OPTIONAL_FIELDS):
+        if isinstance(obj.get(name), str) and not _encodable(obj[name]):
+            return name, "holds a lone surrogate (a \\ud800-\\udfff escape that is half of a character): not text"
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_rows(
@@ -293,7 +446,7 @@ def validate_rows(
             continue
         for name in obj:
             if name not in KNOWN_FIELDS:
-                report.ignored_fields[name] += 1
+                report.ignored_fields[printable(str(name))[:80]] += 1
         candidates.append((line, obj))
 
     if not candidates:
@@ -331,7 +484,7 @@ def validate_rows(
             value = obj.get(name)
             row[name] = clean_text(str(value)) if value not in (None, "") else None
         row["subject_name"] = row["subject_name"] or "Unknown"
-        row["id"] = str(obj["id"]) if obj.get("id") not in (None, "") else f"{Path(source).name}:{line}"
+        row["id"] = str(obj["id"]) if obj.get("id") not in (None, "") else f"{Path(source).name}:{line:id}" if isinstance(line, Position) else f"{Path(source).name}:{line}"
         row["source"], row["line"] = source, line
 
         option_keys = [normalise_key(row[name]) for name in OPTION_FIELDS]
@@ -402,10 +555,15 @@ def load_medmcqa(
     cleaning and deduplication (`medlora prepare --deidentify` scrubs identifiers this way).
     """
     path = Path(source).expanduser()
+    if is_prepared_dir(path):  # a `medlora prepare` directory: its held-out split, as prepared
+        name, rows = prepared_split(path, split)
+        report = LoadReport(source=f"{display_path(path)}[{name}]", rows_read=len(rows),
+                            cop_numbering="0-3 (a prepared dataset)")
+        return rows, report
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raw, parse_issues = read_raw_rows(path)
         from_text = path.suffix.lower() == ".csv"
-        name = str(path)
+        name = display_path(path)
     else:
         raw, parse_issues = _load_hub_rows(source, split), []
         from_text = False
@@ -413,9 +571,20 @@ def load_medmcqa(
         if cop_base == "auto" and source == HUB_DATASET:
             cop_base = "0"  # the hub copy numbers cop 0-3: known, not guessed
     if scrub is not None:
-        raw = [(line, scrub(obj)) for line, obj in raw]
+        scrubbed = []
+        for line, obj in raw:
+            try:
+                clean = scrub(obj)
+            except RecursionError:  # the row cannot be a valid row anyway; it must not be written unscrubbed
+                parse_issues.append(RowIssue(name, line, "-", "nested too deeply", None))
+                continue
+            if getattr(obj, "duplicate_keys", None) and isinstance(clean, dict):
+                clean = _Object(clean)
+                clean.duplicate_keys = obj.duplicate_keys
+            scrubbed.append((line, clean))
+        raw = scrubbed
         for issue in parse_issues:
-            issue.row = scrub(issue.row)
+            issue.row = scrub(issue.row) if isinstance(issue.row, (str, list, dict)) else None
     try:
         rows, report = validate_rows(raw, name, cop_base, evaluation, from_text)
     except DataError as err:
@@ -448,16 +617,29 @@ def _load_hub_rows(dataset_id: str, split: str) -> list[tuple[int, Any]]:
 
 
 def write_skipped(report: LoadReport, output_dir: Path) -> Path | None:
-    """skipped.jsonl: one object per skipped row with its source, line, field and reason."""
+    """skipped.jsonl: one object per skipped row with its source, line, field and reason (written whole, then
+    renamed into place: never a partial file)."""
     if not report.issues:
         return None
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from medlora.outputs import write_atomic
+
+    lines = []
+    for issue in report.issues:
+        row = issue.row if isinstance(issue.row, (dict, list, str, int, float)) else repr(issue.row)
+        record = {"source": issue.source, "line": issue.line, "field": issue.field, "reason": issue.reason}
+        try:
+            lines.append(json.dumps(record | {"row": row}, ensure_ascii=False, default=str).encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate: JSON's own \\ud800 escape keeps the row as it was read
+            lines.append(json.dumps(record | {"row": row}, default=str).encode("utf-8"))
+        except (ValueError, RecursionError):  # nesting too deep to write back: the row's text, cut
+            try:
+                text = printable(repr(row))[:MAX_FIELD_CHARS]
+            except RecursionError:
+                text = "(row nested too deeply to show)"
+            lines.append(json.dumps(record | {"row": text}, ensure_ascii=False).encode("utf-8"))
     path = output_dir / "skipped.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
-        for issue in report.issues:
-            row = issue.row if isinstance(issue.row, (dict, list, str, int, float)) else repr(issue.row)
-            record = {"source": issue.source, "line": issue.line, "field": issue.field, "reason": issue.reason}
-            fh.write(json.dumps(record | {"row": row}, ensure_ascii=False, default=str) + "\n")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, b"\n".join(lines) + b"\n")
     return path
 
 
@@ -467,12 +649,21 @@ def write_skipped(report: LoadReport, output_dir: Path) -> Path | None:
 def split_rows(
     rows: list[dict[str, Any]], eval_fraction: float, seed: int, test_fraction: float = 0.0
 ) -> dict[str, list[dict[str, Any]]]:
-    """Stratified by subject; rows sharing a normalised question stem always land in one split."""
+    """Stratified by subject; rows sharing a normalised question stem always land in one split.
+
+    Stems are grouped first, across subjects (MedMCQA files the same question under two subjects at times): a
+    group goes with its most common subject, so the pair is never split and the leakage check never fires on it.
+    """
     if not 0 < eval_fraction < 1 or not 0 <= test_fraction < 1 or eval_fraction + test_fraction >= 1:
         raise DataError(f"split fractions must be in (0, 1) and sum below 1: eval={eval_fraction} test={test_fraction}")
-    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    by_stem: dict[str, list] = defaultdict(list)
     for row in rows:
-        groups[row["subject_name"]][normalise_key(row["question"])].append(row)
+        by_stem[normalise_key(row["question"])].append(row)
+    groups: dict[str, dict[str, list]] = defaultdict(dict)
+    for stem, members in by_stem.items():
+        subjects = Counter(r["subject_name"] for r in members)
+        subject = min(subjects, key=lambda name: (-subjects[name], name))
+        groups[subject][stem] = members
     rng = random.Random(seed)
     splits: dict[str, list] = {"train": [], "eval": [], "test": []}
     for subject in sorted(groups):
@@ -538,6 +729,56 @@ def describe_format(fmt: dict[str, Any]) -> str:
             + f": {stop['reason']}; BOS {'yes' if fmt['add_bos_token'] else 'no'} ({fmt['bos_source']})")
 
 
+PREPARED_MARK = "prepare_summary.json"  # written last by `medlora prepare`: its presence means the dataset is whole
+PREPARED_COLUMNS = (*REQUIRED_FIELDS, "subject_name", "id")
+
+
+def is_prepared_dir(path: str | Path) -> bool:
+    return (Path(path) / "dataset_dict.json").is_file()
+
+
+def load_prepared(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The splits of a `medlora prepare` directory, checked like a raw file: complete (prepare_summary.json
+    written), readable, every row with the canonical columns and a cop of 0-3."""
+    from datasets import load_from_disk
+
+    where = display_path(path)
+    if not (Path(path) / PREPARED_MARK).is_file():
+        raise DataError(f"{where}: an incomplete prepared dataset (no {PREPARED_MARK}: `medlora prepare` did not "
+                        "finish there); run prepare again with --overwrite true")
+    try:
+        splits = load_from_disk(str(path))
+    except Exception as err:  # datasets/pyarrow raise many types for a damaged directory
+        raise DataError(f"{where}: cannot read the prepared dataset ({type(err).__name__}: "
+                        f"{bounded(err, 200)}); run prepare again") from None
+    out = {}
+    for name in splits:
+        columns = splits[name].column_names
+        missing = [c for c in PREPARED_COLUMNS if c not in columns]
+        if missing:
+            raise DataError(f"{where}: split '{name}' lacks column(s) {missing} (has {bounded(columns, 200)}); "
+                            "not a dataset `medlora prepare` wrote")
+        rows = splits[name].to_list()
+        for number, row in enumerate(rows, start=1):
+            problem = row_problem(row)
+            if problem is None and not (isinstance(row["cop"], int) and 0 <= row["cop"] <= 3):
+                problem = ("cop", f"must be 0-3 in a prepared dataset (A-D), got {shown(row['cop'])}")
+            if problem:
+                raise DataError(f"{where}: split '{name}' row {number}: field '{problem[0]}': {problem[1]}")
+        out[name] = rows
+    return out
+
+
+def prepared_split(path: str | Path, split: str) -> tuple[str, list[dict[str, Any]]]:
+    """(name, rows) of the split to score in a prepared dir: `split` if it has one by that name, else test, else
+    eval (the held-out parts `prepare` writes)."""
+    splits = load_prepared(path)
+    for name in (split, "test", "eval"):
+        if name in splits:
+            return name, splits[name]
+    raise DataError(f"{display_path(path)}: no split to evaluate (has {list(splits)}; wanted {split!r}, test or eval)")
+
+
 @dataclass
 class TrainingData:
     train_rows: list[dict[str, Any]]
@@ -547,15 +788,12 @@ class TrainingData:
 
 def load_training_data(data, output_dir: Path | None = None) -> TrainingData:
     """Train and eval rows: a prepared dir, a separate eval source, or a seeded split of one source."""
-    prepared = Path(data.data_path) / "dataset_dict.json"
     reports: list[LoadReport] = []
-    if prepared.exists():
-        from datasets import load_from_disk
-
-        splits = load_from_disk(data.data_path)
+    if is_prepared_dir(data.data_path):
+        splits = load_prepared(data.data_path)
         if "train" not in splits or "eval" not in splits:
             raise DataError(f"{data.data_path}: a prepared dataset needs 'train' and 'eval' splits, has {list(splits)}")
-        train_rows, eval_rows = splits["train"].to_list(), splits["eval"].to_list()
+        train_rows, eval_rows = splits["train"], splits["eval"]
     else:
         train_rows, report = load_medmcqa(data.data_path, data.train_split, data.cop_base, data.skip_invalid)
         reports.append(report)

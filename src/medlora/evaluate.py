@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-from medlora.errors import MedloraError
+from medlora.errors import MedloraError, bounded, shown
 from medlora.formatting import LETTERS, FormatOptions, build_prompt, encode_choices, stop_token_ids
 
 
@@ -221,6 +221,70 @@ def check_adapter_base(adapter: str, adapter_config: dict[str, Any], model_path:
     )
 
 
+ADAPTER_FIELD_TYPES = {  # the fields PEFT reads to rebuild a LoRA adapter, with the JSON types it needs
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "bias": (str,),
+    "base_model_name_or_path": (str, type(None)), "target_modules": (list, str, type(None)),
+    "target_parameters": (list, type(None)), "fan_in_fan_out": (bool,), "use_rslora": (bool,), "use_dora": (bool,),
+    "modules_to_save": (list, type(None)), "rank_pattern": (dict,), "alpha_pattern": (dict,),
+    "layers_to_transform": (int, list, type(None)), "inference_mode": (bool,), "task_type": (str, type(None)),
+}
+
+
+def read_adapter(adapter: str) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter dir, checked before anything loads it (one line per problem): JSON
+    object, peft_type LORA, the field types PEFT needs, and adapter_model.safetensors present and whole. A
+    pickle adapter_model.bin is refused (unpickling can run code; medlora reads safetensors only)."""
+    from medlora.data import display_path
+
+    folder = Path(adapter)
+    where = f"--adapter {display_path(adapter)}"
+    if not folder.is_dir():
+        raise MedloraError(f"{where}: {'not a directory' if folder.exists() else 'no such directory'} "
+                           "(expected a PEFT adapter dir: adapter_config.json + adapter_model.safetensors)")
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise MedloraError(f"{where}: no adapter_config.json there (expected a PEFT adapter dir)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MedloraError(f"{config_path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, nesting, a huge integer
+        raise MedloraError(f"{config_path}: not a readable JSON file ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise MedloraError(f"{config_path}: not a PEFT adapter config (a JSON object), got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise MedloraError(f"{config_path}: " + ("no peft_type: not a PEFT adapter config" if peft_type is None else
+                           f"peft_type {shown(peft_type)}: medlora loads LoRA adapters (peft_type LORA) only"))
+    for name, types in ADAPTER_FIELD_TYPES.items():
+        if name in config and (not isinstance(config[name], types) or
+                               isinstance(config[name], bool) and bool not in types):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise MedloraError(f"{config_path}: field '{name}' must be {wanted}, got {shown(config[name])}")
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise MedloraError(f"{config_path}: field 'r' (the LoRA rank) must be a whole number >= 1, "
+                           f"got {shown(config.get('r'))}")
+    if isinstance(config.get("lora_alpha"), (int, float)) and not 0 < config["lora_alpha"] < float("inf"):
+        raise MedloraError(f"{config_path}: field 'lora_alpha' must be > 0, got {shown(config['lora_alpha'])}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise MedloraError(f"{where}: holds adapter_model.bin (a pickle, which can run code when loaded); medlora "
+                               "loads adapter_model.safetensors only: convert it where you trust the file")
+        raise MedloraError(f"{where}: no adapter_model.safetensors beside adapter_config.json (no weights)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            count = len(list(fh.keys()))
+    except (SafetensorError, OSError) as err:
+        raise MedloraError(f"{weights}: not a whole safetensors file ({bounded(err, 200)}): truncated or "
+                           "damaged; copy it again") from None
+    if not count:
+        raise MedloraError(f"{weights}: holds no tensors")
+    return config
+
+
 def load_for_eval(model_args, adapter: str | None):
     """Base model, with the adapter applied when given; checks the adapter was made for this base."""
     import torch
@@ -229,15 +293,7 @@ def load_for_eval(model_args, adapter: str | None):
 
     adapter_config: dict[str, Any] = {}
     if adapter is not None:  # checked before the (possibly 60 GB) base model is loaded
-        config_path = Path(adapter) / "adapter_config.json"
-        if not config_path.is_file():
-            raise MedloraError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter dir)")
-        try:
-            adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise MedloraError(f"{config_path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-        if not isinstance(adapter_config, dict):
-            raise MedloraError(f"{config_path}: not a PEFT adapter config (a JSON object)")
+        adapter_config = read_adapter(adapter)
         check_adapter_base(adapter, adapter_config, resolve_model_path(model_args))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
     model, tokenizer = load_model(model_args, device=device)

@@ -20,11 +20,14 @@ def run_eval(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
              rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Score `data_args.data_path` (or `rows` already in memory, e.g. a training run's held-out split) with the
     base model or an adapter; write predictions.jsonl and summary.json into `eval_args.output_dir`."""
+    from medlora.outputs import claim_output_dir
+
     eval_args.validate()
     out = Path(eval_args.output_dir)
     targets = [out / "predictions.jsonl", out / "summary.json"]
-    if any(t.exists() for t in targets) and not eval_args.overwrite:
-        raise MedloraError(f"{out} already holds predictions/summary; pass --overwrite or another --output_dir")
+    # before any scoring: a directory that is not medlora's, or cannot be written, is refused now, not after
+    claim_output_dir(out, "eval", eval_args.overwrite,
+                     inputs=[i for i in (data_args.data_path, eval_args.adapter, model_args.model_name_or_path) if i])
     report = None
     if rows is None:  # evaluation keeps rows whose correct option text repeats (lm-eval scores them too; flagged)
         rows, report = load_medmcqa(data_args.data_path, data_args.eval_split, data_args.cop_base,

@@ -54,6 +54,14 @@ class ExportArguments:
     check_data: str = field(default="data/sample/medmcqa_sample.jsonl", metadata={
         "help": "MedMCQA-format file the check examples come from"})
 
+    def validate(self) -> None:
+        from medlora.config import need_count, need_number, need_text
+
+        for name in ("adapter", "output_dir", "check_data"):
+            need_text(getattr(self, name), f"--{name}")
+        need_number(self.max_shard_gib, "--max_shard_gib", 0, 10**4, low_open=True)
+        need_count(self.check_examples, "--check_examples", 0, 10**4)
+
 
 def original_layout(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of a local (or hub-cached) checkpoint, read from the safetensors headers."""
@@ -138,47 +146,19 @@ def _logits(model, ids, mask) -> torch.Tensor:
     return out[mask.bool().to(device)].cpu()  # real positions only
 
 
-def _owned_output_dir(out: Path, overwrite: bool) -> None:
-    """An empty/new directory, or a previous export of medlora's (with --overwrite): then only its files go."""
-    if out.exists() and not out.is_dir():
-        raise MedloraError(f"--output_dir {out} is a file, not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    manifest = out / MANIFEST
-    if not manifest.is_file():
-        raise MedloraError(f"--output_dir {out} is not empty and not a medlora export; choose an empty or new "
-                           "directory")
-    if not overwrite:
-        raise MedloraError(f"{out} holds a previous export; pass --overwrite true to replace it, or choose another "
-                           "--output_dir")
-    try:
-        written = set(json.loads(manifest.read_text(encoding="utf-8"))["files"])
-    except (ValueError, KeyError, OSError) as err:
-        raise MedloraError(f"{manifest}: unreadable ({err}); remove the export by hand") from None
-    others = sorted(p.name for p in out.iterdir() if p.name not in written | {MANIFEST})
-    if others:
-        raise MedloraError(f"{out} holds files medlora did not write ({', '.join(others[:3])}); it replaces only its own "
-                           "export: move them, or choose another --output_dir")
-    for name in written:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    manifest.unlink()
-
-
 def export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
     from medlora import runinfo
     from medlora.evaluate_cli import eval_format, load_for_eval
     from medlora.model import resolve_model_path, save_hub_layout
 
     out = Path(args.output_dir)
-    if not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise MedloraError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter dir)")
-    if args.check_examples < 0 or args.max_shard_gib <= 0:
-        raise MedloraError("--check_examples must be >= 0 and --max_shard_gib positive")
-    _owned_output_dir(out, args.overwrite)
+    args.validate()
+    from medlora.evaluate import read_adapter
+    from medlora.outputs import claim_output_dir
+
+    read_adapter(args.adapter)  # before the output dir is touched or a model loaded
+
+    claim_output_dir(out, "export", args.overwrite, inputs=[args.adapter, model_args.model_name_or_path])
     started, phases = time.time(), {}
     base_path = resolve_model_path(model_args)
     layout = original_layout(base_path)
@@ -241,7 +221,7 @@ def export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
         "tensors": written["tensors"], "bytes": written["bytes"], "shards": written["files"],
         "layout": layout_check, "check": check, "format": fmt, "phases": phases,
         "wall_s": round(time.time() - started, 1), "versions": runinfo.versions(), "hardware": runinfo.hardware(),
-        "files": files + ["README.md"],
+        "files": [f for f in files if not f.startswith(".")] + ["README.md"],
     }
     (out / "README.md").write_text(export_card(summary, Path(args.adapter)), encoding="utf-8")
     (out / MANIFEST).write_text(json.dumps(summary, indent=2, default=str) + "\n")

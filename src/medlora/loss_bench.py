@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-from medlora.errors import MedloraError
+from medlora.errors import MedloraError, shown
 
 IMPLS = ("full_logits", "trl_chunked", "cce", "liger")
 
@@ -46,6 +46,24 @@ class LossBenchArguments:
     results_dir: str = field(default="benchmarks/results/loss", metadata={
         "help": "where JSON/MD go (apart from `medlora bench` files, which have another schema)"})
     tag: str = field(default="loss", metadata={"help": "suffix for the result file name"})
+
+    def validate(self) -> None:
+        from medlora.config import need, need_count, need_file_tag, need_text
+
+        need_file_tag(self.tag)
+
+        unknown = set(self.impls) - set(IMPLS)
+        need(not unknown and bool(self.impls), f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+        for name, high in (("step_tokens", 10**7), ("hidden_size", 65536), ("vocab_size", 10**7), ("iters", 10**5)):
+            need(getattr(self, name) >= 1, f"--{name} must be positive, got {getattr(self, name)}")
+            need_count(getattr(self, name), f"--{name}", 1, high)
+        need_count(self.warmup, "--warmup", 0, 10**4)
+        need_count(self.seed, "--seed", 0, 2**32 - 1)
+        need(bool(self.positions) and all(isinstance(p, int) and 1 <= p <= self.step_tokens for p in self.positions),
+             f"--positions: each must be in 1..--step_tokens ({self.step_tokens}), got {self.positions}")
+        need(self.dtype in ("bfloat16", "float16", "float32"),
+             f"--dtype must be bfloat16, float16 or float32, got {shown(self.dtype)}")
+        need_text(self.results_dir, "--results_dir")
 
 
 def _impl(name: str, device) -> Callable:
@@ -86,7 +104,7 @@ def _impl(name: str, device) -> Callable:
             mask = y != -100
             return liger(w, h[mask], y[mask])
         return liger_loss
-    raise MedloraError(f"--impls: unknown {name!r}; choose from {IMPLS}")
+    raise MedloraError(f"--impls: unknown {shown(name)}; choose from {IMPLS}")
 
 
 def measure(name: str, hidden, weight, labels, reference: tuple | None, iters: int, warmup: int) -> dict[str, Any]:
@@ -133,16 +151,7 @@ def run_loss_bench(args: LossBenchArguments) -> Path:
     from medlora import runinfo
     from medlora.runinfo import new_result_path
 
-    unknown = set(args.impls) - set(IMPLS)
-    if unknown or not args.impls:
-        raise MedloraError(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
-    if any(p < 1 or p > args.step_tokens for p in args.positions) or not args.positions:
-        raise MedloraError(f"--positions: each must be in 1..--step_tokens ({args.step_tokens}), got {args.positions}")
-    for name in ("step_tokens", "hidden_size", "vocab_size", "iters"):
-        if getattr(args, name) < 1:
-            raise MedloraError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.dtype not in ("bfloat16", "float16", "float32"):
-        raise MedloraError(f"--dtype must be bfloat16, float16 or float32, got {args.dtype!r}")
+    args.validate()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -415,9 +415,29 @@ def lora_config(args: LoraArguments):
     )
 
 
+def check_lora_targets(model, args: LoraArguments) -> None:
+    """Refuse a LoRA target that matches nothing in `model` (PEFT trains the other targets and says nothing when
+    only some names match: `q_prj` would train without q_proj, exit 0). Matching is PEFT's own: a module (or,
+    for target_parameters, a parameter) whose dotted name is the target or ends with `.target`."""
+    import difflib
+
+    modules = [name for name, _ in model.named_modules()]
+    parameters = [name for name, _ in model.named_parameters()]
+    for option, targets, names in (("--lora_target_modules", args.lora_target_modules, modules),
+                                   ("--lora_target_parameters", args.lora_target_parameters, parameters)):
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            leaves = sorted({".".join(n.split(".")[-len(t.split(".")):]) for n in names for t in unmatched})
+            hints = [f"{t!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, leaves, n=1))
+                     else repr(t) for t in unmatched]
+            raise ConfigError(f"{option}: {', '.join(hints)} match(es) no {'module' if names is modules else 'parameter'}"
+                              f" of {type(model).__name__}; nothing would be trained there")
+
+
 def apply_lora(model, args: LoraArguments):
     from peft import get_peft_model
 
+    check_lora_targets(model, args)
     try:
         return get_peft_model(model, lora_config(args))
     except ValueError as err:

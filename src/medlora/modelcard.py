@@ -15,6 +15,7 @@ from typing import Any
 
 from medlora.errors import MedloraError
 
+CARD_MARKER = "<!-- model card written by medlora from metrics.json (`medlora report` rewrites it) -->"
 NOT_ADVICE = ("**Not medical advice.** This adapter answers multiple-choice exam questions. Its outputs are not "
               "medical advice, diagnosis or treatment, must not be used for patient care, and can be confidently "
               "wrong.")
@@ -24,6 +25,12 @@ NOT_ADVICE = ("**Not medical advice.** This adapter answers multiple-choice exam
 class ReportArguments:
     run_dir: str = field(default="outputs/tiny-run", metadata={"help": "a finished `medlora train` output dir"})
     output: str | None = field(default=None, metadata={"help": "where to write (default RUN_DIR/MODEL_CARD.md)"})
+
+    def validate(self) -> None:
+        from medlora.config import need_text
+
+        need_text(self.run_dir, "--run_dir")
+        need_text(self.output, "--output", optional=True)
 
 
 def data_licence(path: str) -> str:
@@ -63,6 +70,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
     versions = metrics.get("versions", {})
     ci = metrics.get("eval_accuracy_ci95") or [None, None]
     lines = [
+        CARD_MARKER,
         f"# LoRA adapter for {model['model_name_or_path']} on MedMCQA-style questions",
         "",
         f"> {NOT_ADVICE}",
@@ -154,8 +162,10 @@ def write_model_card(run_dir: str | Path, output: str | Path | None = None) -> P
         text = render_model_card(metrics)
     except (ValueError, KeyError, TypeError) as err:
         raise MedloraError(f"{metrics_path}: not a medlora metrics file ({type(err).__name__}: {err})") from None
-    out = Path(output) if output else run_dir / "MODEL_CARD.md"
-    out.write_text(text, encoding="utf-8")
+    from medlora.outputs import claim_output_file, write_atomic
+
+    out = claim_output_file(Path(output) if output else run_dir / "MODEL_CARD.md", CARD_MARKER)  # never metrics.json
+    write_atomic(out, text)
     return out
 
 

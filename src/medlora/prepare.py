@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import shutil
 import statistics
 from collections import Counter
@@ -10,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import DataArguments, ModelArguments, PrepareArguments
-from medlora.errors import MedloraError
+from medlora.errors import MedloraError  # noqa: F401
+from medlora.outputs import write_atomic
 from medlora.data import format_issues, letter_counts, load_medmcqa, split_rows, write_skipped
 from medlora.deidentify import TYPES, deidentify_value
 from medlora.formatting import build_prompt, encode_example
@@ -51,9 +54,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
     from medlora.model import checkpoint_zero_rows, load_tokenizer, resolve_model_path
     from medlora.data import resolve_format
 
+    from medlora.outputs import claim_output_dir
+
     out = Path(prep.output_dir)
-    if out.exists() and any(out.iterdir()) and not prep.overwrite:
-        raise MedloraError(f"{out} is not empty; pass --overwrite or choose another --output_dir")
     console = Console()
     deidentified: Counter = Counter()
 
@@ -76,15 +79,23 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, prep: PrepareA
             row["prompt"] = build_prompt(row, options, tokenizer)
             row["answer"] = letter
     stats = dataset_statistics(splits, tokenizer, options)
-    if out.exists():
-        shutil.rmtree(out)
-    DatasetDict({name: Dataset.from_list(part) for name, part in splits.items()}).save_to_disk(str(out))
+    # claimed only now that the data is known good, and written beside, then moved in: a run stopped half-way
+    # (a full disk) leaves no dataset that `train --data` would take — prepare_summary.json, written last, is the
+    # mark of a complete one
+    claim_output_dir(out, "prepare", prep.overwrite, inputs=[data_args.data_path])
+    staging = Path(tempfile.mkdtemp(prefix=".medlora-prepare-", dir=out))
+    try:
+        DatasetDict({name: Dataset.from_list(part) for name, part in splits.items()}).save_to_disk(str(staging))
+        for entry in staging.iterdir():
+            os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     skipped = write_skipped(report, out)
     summary = {"source": data_args.data_path, "cop_numbering": report.cop_numbering, "rows_read": report.rows_read,
                "invalid_skipped": len(report.issues), "duplicates_removed": report.duplicates_removed,
                "cleaned_rows": report.cleaned_rows, "style": options.style, "splits": stats,
                "deidentified": {label: deidentified[label] for label in TYPES} if prep.deidentify else None}
-    (out / "prepare_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / "prepare_summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
     table = Table(title=f"prepared {data_args.data_path} -> {out}")
     for col in ("split", "rows", "subjects", "A/B/C/D", "tokens min/median/max"):

@@ -50,6 +50,19 @@ class RehearsalArguments:
         "help": "where the rehearsal JSON goes (apart from the bench results, which have another shape)"})
     tag: str = field(default="", metadata={"help": "suffix for the result file name"})
 
+    def validate(self) -> None:
+        from medlora.config import need, need_count, need_file_tag, need_text
+
+        need_file_tag(self.tag)
+
+        for name in ("train_config", "model_name_or_path", "data_path", "work_dir", "export_dir", "results_dir"):
+            need_text(getattr(self, name), f"--{name}")
+        need_count(self.eval_questions, "--eval_questions", 1, 10**6)
+        need_count(self.max_steps, "--max_steps", 2, 10**6)
+        need_count(self.eval_steps, "--eval_steps", 1, 10**6)
+        need_count(self.save_steps, "--save_steps", 1, 10**6)
+        need(0 < self.sigterm_at_step < self.max_steps, "--sigterm_at_step must be between 0 and --max_steps")
+
 
 def _write_split(args: RehearsalArguments, work: Path) -> dict[str, Any]:
     from medlora.data import load_medmcqa, split_rows
@@ -123,8 +136,7 @@ def run_rehearsal(args: RehearsalArguments) -> Path:
         raise MedloraError(f"--work_dir {work} is not empty; the rehearsal needs a new directory (it never overwrites)")
     if Path(args.export_dir).exists() and any(Path(args.export_dir).iterdir()):
         raise MedloraError(f"--export_dir {args.export_dir} is not empty; choose a new directory")
-    if not 0 < args.sigterm_at_step < args.max_steps:
-        raise MedloraError("--sigterm_at_step must be between 0 and --max_steps")
+    args.validate()
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir()
     split = _write_split(args, work)

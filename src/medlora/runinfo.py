@@ -89,17 +89,23 @@ def is_main_process() -> bool:
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """One JSON object per line, written beside and renamed into place (never a half-written file)."""
+    _replace_with(path, lambda fh: [fh.write(json.dumps(r, ensure_ascii=False) + "\n") for r in records])
 
 
 def write_json(path: Path, obj: Any) -> None:
+    _replace_with(path, lambda fh: fh.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"))
+
+
+def _replace_with(path: Path, write) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            write(fh)
+        tmp.replace(path)
+    finally:  # a full disk leaves neither a partial file nor the temporary one
+        if tmp.exists():
+            tmp.unlink()
 
 
 def new_result_path(results_dir: str | Path, day: str, gpu: str | None, name: str) -> Path:

@@ -147,7 +147,13 @@ class CheckpointCommit(_Bound, _callback_base()):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            fingerprint = getattr(self.trainer, "fingerprint", None)
+            if fingerprint is not None:  # part of the committed files: a resume checks it against its settings
+                (checkpoint / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, default=str))
             commit_checkpoint(checkpoint)
+            # only now may older checkpoints go: a kill in between still leaves a complete one
+            rotate_checkpoints(Path(args.output_dir), args.save_total_limit, keep=(checkpoint,
+                               state.best_model_checkpoint))
             started = getattr(self.trainer, "save_started", None)
             if started is not None:
                 size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
@@ -177,9 +183,14 @@ class SignalStop(_callback_base()):
         self.previous.clear()
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now, without saving
-            self.uninstall()
-            raise KeyboardInterrupt
+        if self.signum is not None:  # second signal: stop now, without saving, with this signal's own status
+            import sys
+
+            print(f"medlora: stopped: a second signal ({signal.Signals(signum).name}): aborted without saving; the "
+                  "last committed checkpoint is intact (continue with --resume_from_checkpoint auto)",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)  # now: unwinding through the Trainer mid-step would only print tracebacks
         self.signum = signum
         print(f"medlora: {signal.Signals(signum).name} received: saving a checkpoint after this step, then "
               "stopping (send it again to abort without saving)", flush=True)
@@ -223,21 +234,98 @@ class NonFiniteStop(_Bound, _callback_base()):
             "--bf16/--max_grad_norm")
 
 
-# ---------------------------------------------------------------- the run directory
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep=()) -> list[str]:
+    """Keep the newest `limit` committed checkpoints (and those in `keep`: the one just saved, the best); remove
+    older committed ones, and torn ones older than the newest committed (they can never be resumed). The
+    Trainer's own rotation is off: it deleted before the new checkpoint was committed."""
+    import shutil
+
+    if not limit:
+        return []
+    found = sorted(((int(p.name.split("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-", 1)[1].isdigit()), reverse=True)
+    committed = [(step, p) for step, p in found if (p / MARKER).is_file()]  # the marker: cheap, no re-hashing
+    if not committed:
+        return []
+    keep_paths = {Path(k).resolve() for k in keep if k} | {p.resolve() for _, p in committed[:limit]}
+    newest = committed[0][0]
+    removed = []
+    for step, path in found:
+        if path.resolve() in keep_paths:
+            continue
+        if (path / MARKER).is_file() or step < newest:  # older committed beyond the limit, or torn and superseded
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
-RUN_MARKERS = ("metrics.json", "adapter", "trainer_state.json")
+# ---------------------------------------------------------------- resuming only the same run
+
+FINGERPRINT = "medlora_fingerprint.json"
+# settings a resumed run may change (said as a warning); any other difference is refused, naming the keys
+RESUMABLE = {"max_steps", "num_train_epochs", "save_steps", "save_total_limit", "save_strategy", "eval_steps",
+             "eval_strategy", "logging_steps", "eval_accuracy_samples", "eval_batch_size", "per_device_eval_batch_size",
+             "dataloader_num_workers", "report_to", "disable_tqdm", "fast_levers", "fast_gpu_arch",
+             "fast_checkpoint_blocks", "tiny_cache_dir", "skip_invalid"}
+_SFT_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+             "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args",
+             "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "seed", "data_seed",
+             "bf16", "fp16", "gradient_checkpointing", "neftune_noise_alpha", "label_smoothing_factor",
+             "group_by_length", "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "save_strategy",
+             "eval_steps", "eval_strategy", "logging_steps", "per_device_eval_batch_size", "dataloader_num_workers",
+             "report_to", "disable_tqdm")
+_OWN_IGNORED = {"overwrite", "audit"}  # how a run is started, not what it trains
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
-    if not output_dir.exists() or overwrite or resume:
+def run_fingerprint(sections, train_args, rows: dict[str, list], world_size: int) -> dict[str, Any]:
+    """What makes a checkpoint this run's: every setting that shapes training, and a hash of the data."""
+    import dataclasses
+
+    settings: dict[str, Any] = {}
+    for section in sections:
+        for f in dataclasses.fields(section):
+            if f.name not in _OWN_IGNORED:
+                settings[f.name] = getattr(section, f.name)
+    for key in _SFT_KEYS:
+        value = getattr(train_args, key, None)
+        settings[key] = getattr(value, "value", value)  # enums as their names
+    settings["world_size"] = world_size
+    digest = hashlib.sha256()
+    for name in sorted(rows):
+        for row in rows[name]:
+            digest.update(json.dumps([name, row.get("id"), row.get("question"), *(row.get(k) for k in
+                                      ("opa", "opb", "opc", "opd", "cop", "exp", "subject_name"))],
+                                     sort_keys=True, default=str, ensure_ascii=True).encode())
+    return {"settings": json.loads(json.dumps(settings, default=str)), "data_sha256": digest.hexdigest()}
+
+
+def check_resume_fingerprint(checkpoint: str, current: dict[str, Any], say=print) -> None:
+    """Refuse to continue a checkpoint under other settings or data (naming what differs); warn for the few
+    settings that may change (RESUMABLE); say so when the checkpoint predates fingerprints."""
+    from medlora.errors import ConfigError, bounded
+
+    path = Path(checkpoint) / FINGERPRINT
+    if not path.is_file():
+        say(f"medlora: warning: {Path(checkpoint).name} has no {FINGERPRINT} (saved by an older medlora): its "
+            "settings and data cannot be compared with this run's")
         return
-    found = [m for m in RUN_MARKERS if (output_dir / m).exists()] + [p.name for p in output_dir.glob("checkpoint-*")]
-    if found:
-        raise MedloraError(
-            f"{output_dir} already holds a run ({', '.join(sorted(found)[:3])}); pass --overwrite to replace it, "
-            "--resume_from_checkpoint auto to continue it, or choose another --output_dir"
-        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    old, new = saved.get("settings", {}), current["settings"]
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in differ if k not in RESUMABLE]
+    changes = ", ".join(f"{k} {bounded(repr(old.get(k)), 60)} -> {bounded(repr(new.get(k)), 60)}" for k in refused[:8])
+    if saved.get("data_sha256") != current["data_sha256"]:
+        changes = ("the training/eval data (its rows differ)" + (", " if changes else "")) + changes
+    if changes:
+        raise ConfigError(f"--resume_from_checkpoint: {Path(checkpoint).name} belongs to a run with other settings: "
+                          f"{changes}. Resume with that run's settings, or start a new run (--overwrite true, or "
+                          "another --output_dir)")
+    allowed = [k for k in differ if k in RESUMABLE]
+    if allowed:
+        say("medlora: resuming with changed " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in allowed))
+
+
+# ---------------------------------------------------------------- the run directory
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
@@ -256,6 +344,11 @@ def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
         return resume
     last = last_good_checkpoint(output_dir) if output_dir.is_dir() else None
     if last is None:
+        finished = [m for m in ("metrics.json", "adapter") if (output_dir / m).exists()]
+        if finished:
+            raise ConfigError(f"--resume_from_checkpoint auto: {output_dir} holds a finished run ({', '.join(finished)}) "
+                              "and no complete checkpoint to continue from; pass --overwrite true to train it again, "
+                              "or choose another --output_dir")
         print(f"medlora: no checkpoint in {output_dir}; starting from step 0")
     return last
 

@@ -10,6 +10,8 @@ land in `output_dir`. Under `torchrun` the Trainer runs DDP (NCCL on GPUs, gloo 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ from medlora.evaluate import distributed_score, summarise
 from medlora.formatting import FORMAT_FILE, render_example
 from medlora.phases import PhaseLog
 from medlora.runinfo import write_json
-from medlora.safety import RunLock, check_output_dir, oom_error, resolve_resume
+from medlora.outputs import claim_output_dir
+from medlora.safety import RunLock, check_resume_fingerprint, oom_error, resolve_resume, run_fingerprint
 from medlora.trainer import build_sft_config, build_trainer, gather_checksums, run_callbacks
 
 
@@ -40,7 +43,15 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     """
     validate(model_args, lora_args, data_args, run_args, train_args)
     output_dir = Path(train_args.output_dir)
-    lock = RunLock(output_dir).acquire() if runinfo.is_main_process() else None
+    lock = None
+    if runinfo.is_main_process():  # other ranks use the directory rank 0 claimed
+        def take_lock():
+            nonlocal lock
+            lock = RunLock(output_dir).acquire()
+
+        inputs = [data_args.data_path, data_args.eval_data_path, model_args.model_name_or_path]
+        claim_output_dir(output_dir, "train", run_args.overwrite, keep=bool(train_args.resume_from_checkpoint),
+                         inputs=[i for i in inputs if i], before_changes=take_lock)
     try:
         return _run(model_args, lora_args, data_args, run_args, train_args, output_dir)
     except torch.OutOfMemoryError as err:
@@ -57,7 +68,6 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
     main = runinfo.is_main_process()
     console = Console(quiet=not main)
     backend = Backend.from_run(run_args)
-    check_output_dir(output_dir, run_args.overwrite, train_args.resume_from_checkpoint)
     set_seed(train_args.seed)
     phases = PhaseLog(output_dir, enabled=main)
     started = time.time()
@@ -70,7 +80,10 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
         if report.issues:
             console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
     resume_path = resolve_resume(output_dir, train_args.resume_from_checkpoint)
-    if resume_path:
+    fingerprint = run_fingerprint((model_args, lora_args, data_args, run_args), train_args,
+                                  {"train": data.train_rows, "eval": data.eval_rows}, runinfo.world_size())
+    if resume_path:  # only the same run, on the same data, continues (a few settings may change, with a warning)
+        check_resume_fingerprint(resume_path, fingerprint, say=console.print)
         phases.event("resume_from", checkpoint=Path(resume_path).name)
 
     # 2. model (LoRA-wrapped by the backend), the answer format checked against its weights, the examples
@@ -96,6 +109,7 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
     config = build_sft_config(train_args, backend, run_args.fsdp2, say=console.print)
     callbacks, signal_stop = run_callbacks(data.eval_rows, tokenizer, options, run_args)
     trainer = build_trainer(model, tokenizer, config, train_ds, eval_ds, callbacks, run_args.fsdp2, phases)
+    trainer.fingerprint = fingerprint
 
     # 4. audits before step 1, and the base model scored on the eval questions the adapter will be scored on
     audits = run_audits(trainer, train_ds, tokenizer, options, run_args.audit)
@@ -196,10 +210,18 @@ def _write_outputs(trainer, tokenizer, fmt, metrics, output_dir: Path, console) 
     if not trainer.is_world_process_zero():
         return
     adapter_dir = output_dir / "adapter"
+    staging = output_dir / ".adapter.partial"  # written whole, then renamed: a full disk leaves no half adapter
     t0 = time.time()
-    trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False, state_dict=adapter_state)
-    tokenizer.save_pretrained(adapter_dir)
-    write_json(adapter_dir / FORMAT_FILE, fmt)  # eval, ask and export build prompts exactly as trained
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging, save_embedding_layers=False, state_dict=adapter_state)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / FORMAT_FILE, fmt)  # eval, ask and export build prompts exactly as trained
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(staging, adapter_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     size = (adapter_dir / "adapter_model.safetensors").stat().st_size
     metrics["adapter_bytes"] = size
     trainer.phases.event("adapter_save", time.time() - t0, bytes=size)

@@ -67,10 +67,14 @@ class MedloraSFTTrainer(SFTTrainer):
         self.step_tokens = None
         self.save_started = None
         self.accuracy_timing: tuple[float, int] | None = None  # (seconds, questions) of the last accuracy scoring
+        self.fingerprint = None  # medlora.safety.run_fingerprint: stored with every checkpoint
         super().__init__(*args, **kwargs)
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "bind"):
                 callback.bind(self)
+
+    def create_model_card(self, *args, **kwargs):
+        """No TRL README.md: medlora writes MODEL_CARD.md itself, and never a file it was not asked to."""
 
     def save_model(self, output_dir=None, _internal_call=False):
         if not self.fsdp2:
@@ -94,6 +98,10 @@ class MedloraSFTTrainer(SFTTrainer):
     def _save_checkpoint(self, *args, **kwargs):
         self.save_started = time.time()  # CheckpointCommit records the save once it is committed
         return super()._save_checkpoint(*args, **kwargs)
+
+    def _rotate_checkpoints(self, *args, **kwargs):
+        """Off: transformers deletes the oldest checkpoint before the new one is committed, so a kill in between
+        left none complete; `safety.rotate_checkpoints` runs after the commit instead."""
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask")  # real tokens of this micro-batch, summed on the device (no sync)
