@@ -15,11 +15,13 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
                     "--backend_batch_size", "fast=8", "fast[none]=8", "--per_device_train_batch_size", "4",
                     "--bench_steps", "2", "--bench_warmup_steps", "1", "--rounds", "1", "--optim", "adamw_torch",
                     "--data_path", str(SAMPLE), "--results_dir", str(tmp_path / "results"),
-                    "--model_cache_dir", str(tmp_path / "models")])
+                    "--model_cache_dir", str(tmp_path / "models"), "--include_explanation", "true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     by = {r["backend"]: r for r in out["results"]}
     assert set(by) == {"hf", "fast", "fast[none]"}
+    assert out["config"]["bench"]["include_explanation"] is True  # the longer samples of the real recipe
+    assert by["hf"]["mean_tokens_per_sample"] > 1.5 * _mean_tokens_without_explanation(tmp_path / "models", 8)
     assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
     assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
     assert by["fast[none]"]["backend_report"]["levers"] == []
@@ -27,6 +29,26 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     assert "grouped" in by["fast"]["backend_report"]["kernels"]["moe_lora"]
     assert "PEFT" in by["fast[none]"]["backend_report"]["kernels"]["moe_lora"]
     assert out["versions"]["torch"] and "| fast |" in next((tmp_path / "results").glob("*.md")).read_text()
+    step = by["fast"]["step_s"]
+    assert step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
+    assert step["slowest"]["s"] == step["max"] and step["slowest"]["tokens"] > 0
+    assert set(out["flops_formulas"]) == {"lora", "6n"}
+    assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
+
+
+def _mean_tokens_without_explanation(cache, n):
+    import statistics
+
+    from conftest import SAMPLE
+    from transformers import AutoTokenizer
+
+    from medlora.data import load_medmcqa, tokenize_rows
+    from medlora.formatting import FormatOptions
+
+    tokenizer = AutoTokenizer.from_pretrained(next(p.parent for p in cache.rglob("tokenizer.json")))
+    rows, _ = load_medmcqa(str(SAMPLE), evaluation=True)
+    dataset, _ = tokenize_rows(rows[:n], tokenizer, FormatOptions("plain"), 1024, "x")
+    return statistics.fmean(len(ids) for ids in dataset["input_ids"])
 
 
 def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
@@ -194,3 +216,31 @@ def test_bench_report_reads_bench_results_only_and_compares_each_model_and_gpu(t
     assert full.vs_hf > 10 and full.vs_unsloth > 10
     assert any(line.startswith("nano-full on H200:") and "fast = " in line for line in summary_lines(best))
     assert set(lever_table(table)["model"]) >= {"nano-quarter", "nano-full"}
+
+
+def test_flops_per_token_counts_what_a_lora_step_computes(tiny):
+    """By hand on the tiny model: N_active (routed experts x top_k/E, no input embeddings), the LoRA factors
+    likewise, then 4N + 6N_lora + attention (LoRA) and 6N + attention (full fine-tuning convention)."""
+    import copy
+
+    from medlora.benchmark import active_params, flops_per_token
+    from medlora.config import LoraArguments
+    from medlora.model import apply_lora
+
+    model = apply_lora(copy.deepcopy(tiny[0]), LoraArguments(lora_r=4))
+    config = model.config
+    share = config.num_experts_per_tok / config.n_routed_experts
+    active = lora = 0.0
+    for name, p in model.named_parameters():
+        routed = ".experts." in name and "shared_experts" not in name
+        if "lora_" in name:
+            lora += p.numel() * (share if routed else 1)
+        elif "embeddings" not in name:
+            active += p.numel() * (share if routed and p.dim() == 3 else 1)
+    counted = active_params(model)
+    assert abs(counted["active"] - active) <= 64 and abs(counted["lora_active"] - lora) <= 64  # integer division
+    assert lora > 0 and counted["total"] > counted["active"]
+    attention = 12 * sum(t == "full_attention" for t in config.layers_block_type) * (
+        config.num_attention_heads * config.head_dim) * 100
+    assert flops_per_token(model, 100) == 6 * counted["active"] + attention
+    assert flops_per_token(model, 100, "lora") == 4 * counted["active"] + 6 * counted["lora_active"] + attention

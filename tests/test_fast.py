@@ -212,3 +212,31 @@ def test_check_packed_notices_a_lost_or_altered_example():
         check_packed(altered, examples)
     with pytest.raises(MedloraError, match="missing"):
         check_packed([{"input_ids": [8, 9], "labels": [-100, 9], "seq_lengths": [2]}], examples)
+
+
+@pytest.mark.parametrize("gemm_kind", ["grouped_mm", "loop"])
+def test_grouped_lora_experts_equal_peft_in_fp32(lora_pair, gemm_kind):
+    """The routed experts alone: medlora's grouped LoRA (grouped GEMMs on the routed tokens) against PEFT's
+    target_parameters forward of the same module — output, input gradient and every LoRA factor's gradient."""
+    ref_model, _ = lora_pair
+    mixer = next(m for m in ref_model.modules() if type(m).__name__ == "NemotronHMoE")
+    experts = mixer.experts
+    g = torch.Generator().manual_seed(1)
+    width = mixer.fc1_latent_proj(torch.zeros(1, ref_model.config.hidden_size)).shape[-1]
+    x = torch.randn(37, width, generator=g, requires_grad=True)
+    n_exp, top_k = ref_model.config.n_routed_experts, ref_model.config.num_experts_per_tok
+    index = torch.stack([torch.randperm(n_exp, generator=g)[:top_k] for _ in range(37)])
+    weights = torch.rand(37, top_k, generator=g)
+    lora = [p for n, p in experts.named_parameters() if "lora_" in n]
+    assert lora, "the experts carry LoRA factors"
+    results = []
+    for forward in (lambda: experts(x, index, weights),
+                    lambda: fast.grouped_lora_experts(experts, x, index, weights, gemm_kind)):
+        for p in [x, *lora]:
+            p.grad = None
+        out = forward()
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in lora]))
+    (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
+    assert rel(out, ref_out) < 1e-5 and rel(dx, ref_dx) < 1e-5
+    assert all(rel(a, b) < 1e-5 and b.norm() > 0 for a, b in zip(grads, ref_grads))

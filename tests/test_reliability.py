@@ -43,7 +43,7 @@ ACCEPTED = {
     ("DataArguments", "split_seed"): [0],
     ("RunArguments", "fast_levers"): [[]],  # fast with every lever off: the plain fused path
     ("RunArguments", "fast_checkpoint_blocks"): [[]],
-    ("RunArguments", "eval_accuracy_samples"): [0],  # 0: no accuracy during training
+    ("RunArguments", "eval_accuracy_samples"): [0],  # 0: every eval question
     ("EvalArguments", "bootstrap_samples"): [0],  # 0: no interval
     ("PrepareArguments", "test_fraction"): [0.0],  # no test split
     ("AskArguments", "question"): ["", " "],  # checked as a row: "field 'question': is empty"

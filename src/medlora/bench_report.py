@@ -19,7 +19,7 @@ def markdown_table(out: dict[str, Any]) -> str:
         f"trl {v['trl']} · peft {v['peft']} · unsloth {v['unsloth']}",
         "",
         "| backend | batch | checkpointing | tokens/s | per GPU | vs hf | vs unsloth | trained tok/s | samples/s "
-        "| step s (median) | peak GiB | MFU | trainable | epoch h (182,822 q) |",
+        "| step s (median / mean / max) | peak GiB | MFU (6N / LoRA) | trainable | epoch h (182,822 q) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
@@ -27,11 +27,13 @@ def markdown_table(out: dict[str, Any]) -> str:
             what = "out of memory" if r.get("oom") else "failed"
             lines.append(f"| {r['backend']} | {r['batch_size']} | | {what} | | | | | | | | | | |")
             continue
-        mfu = f"{100 * r['mfu']:.2f} %" if r["mfu"] is not None else "—"
+        mfu = " / ".join(f"{100 * r[k]:.2f} %" if r.get(k) is not None else "—" for k in ("mfu", "mfu_lora"))
+        step = r["step_s"]
+        steps = " / ".join(f"{step[k]:.3f}" if k in step else "—" for k in ("median", "mean", "max"))
         ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("speedup_vs_hf", "speedup_vs_unsloth"))
         lines.append(f"| {r['backend']} | {r['batch_size']} | {r['gradient_checkpointing']} | "
                      f"{r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {ratios} | {r['trained_tokens_per_s']:,.0f} | "
-                     f"{r['samples_per_s']:.2f} | {r['step_s']['median']:.3f} | {r['peak_mem_gib']} | {mfu} | "
+                     f"{r['samples_per_s']:.2f} | {steps} | {r['peak_mem_gib']} | {mfu} | "
                      f"{r['trainable_params']:,} | {r['epoch_hours_medmcqa_train']} |")
     return "\n".join(lines)
 

@@ -66,6 +66,9 @@ class BenchArguments:
     optim: str = field(default="adamw_bnb_8bit", metadata={"help": "optimizer, as in medlora train on a GPU"})
     seed: int = field(default=0, metadata={"help": "seed"})
     tag: str = field(default="", metadata={"help": "suffix for the result file name"})
+    include_explanation: bool = field(default=False, metadata={
+        "help": "train on the explanation too (MedMCQA's exp field: samples several times longer), as "
+                "`train --include_explanation true` does"})
 
     def validate(self) -> None:
         """Everything checkable before a worker starts (each a ConfigError naming the option)."""
@@ -157,26 +160,46 @@ def model_path_for(args: BenchArguments) -> str:
 
 
 def active_params(model) -> dict[str, int]:
-    """Parameters one token meets (routed experts scaled by top_k / n_experts); input embeddings excluded."""
+    """Parameters one token meets (routed experts scaled by top_k / n_experts); input embeddings excluded.
+    `lora_active`: the same count over the LoRA factors (a routed expert's A and B meet top_k / n_experts of the
+    tokens)."""
     config = model.config
     top_k, n_exp = getattr(config, "num_experts_per_tok", 1), getattr(config, "n_routed_experts", 1)
-    total = active = 0
+    total = active = lora_active = 0
     for name, param in model.named_parameters():
         n = param.numel()
+        routed = ".experts." in name and "shared_experts" not in name
         if "lora_" in name:
+            # PEFT's target_parameters wrappers hold the routed experts' factors as [E*r, ...] 2-D matrices
+            lora_active += n * top_k // n_exp if routed else n
             continue
         total += n
-        if "embed_tokens" in name:
+        if "embed_tokens" in name or "embeddings" in name:
             continue
-        active += n * top_k // n_exp if ".experts." in name and param.dim() == 3 else n
-    return {"total": total, "active": active}
+        active += n * top_k // n_exp if routed and param.dim() == 3 else n
+    return {"total": total, "active": active, "lora_active": lora_active}
 
 
-def flops_per_token(model, seq_len: float) -> float:
+FLOPS_FORMULAS = {
+    "lora": "4*N_active + 6*N_lora_active + 12*L_attn*d_attn*T: forward 2N and input gradients 2N through the frozen "
+            "weights (they get no weight gradient), forward, input and weight gradients (6 per parameter) of the "
+            "LoRA factors, attention scores and values forward+backward; recomputation by checkpointing not counted",
+    "6n": "6*N_active + 12*L_attn*d_attn*T: the full fine-tuning convention of NVIDIA's and PaLM's MFU tables "
+          "(every weight gets a gradient), for comparison with them",
+}
+
+
+def flops_per_token(model, seq_len: float, convention: str = "6n") -> float:
+    """Model FLOPs per trained token (see FLOPS_FORMULAS); N counts routed experts as top_k / n_experts and
+    excludes the input embeddings (a lookup)."""
     config = model.config
     n_attn = sum(1 for t in config.layers_block_type if t == "full_attention")
     d_attn = config.num_attention_heads * config.head_dim
-    return 6 * active_params(model)["active"] + 12 * n_attn * d_attn * seq_len
+    params = active_params(model)
+    attention = 12 * n_attn * d_attn * seq_len
+    if convention == "lora":
+        return 4 * params["active"] + 6 * params["lora_active"] + attention
+    return 6 * params["active"] + attention
 
 
 def peak_tflops(gpu_name: str | None) -> float | None:
@@ -294,7 +317,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
     need = steps * batch * world  # a global step takes `batch` examples on every rank
-    dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain"), args.max_length, "bench")
+    dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain", include_explanation=args.include_explanation),
+                                       args.max_length, "bench")
     dataset = dataset.select(range(min(need, len(dataset))))
     if len(dataset) < need:
         raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, the bench needs {need}")
@@ -337,7 +361,6 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         chunk = range(i * b * world, (i + 1) * b * world)
         padded = sum(b * max(lengths[j * b:(j + 1) * b]) for j in range(i * world, (i + 1) * world))
         per_step.append((sum(lengths[k] for k in chunk), sum(trained[k] for k in chunk), padded))
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "backend": spec, "batch_size": batch, "world_size": world, "load_s": round(load_s, 1),
         "step_times": step_times,
@@ -348,8 +371,9 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "mean_tokens_per_sample": statistics.fmean(lengths),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "params": active_params(base_model),
-        "flops_per_token": flops_per_token(base_model, statistics.fmean(lengths)),
+        "params": active_params(model),
+        "flops_per_token": flops_per_token(model, statistics.fmean(lengths)),
+        "flops_per_token_lora": flops_per_token(model, statistics.fmean(lengths), "lora"),
         "too_long_left_out": len(too_long),
         "gradient_checkpointing": "unsloth" if backend.is_unsloth and checkpointing
         else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
@@ -368,6 +392,20 @@ def top_kernels(profiler, cuda: bool, limit: int = 25) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def slowest_step(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The slowest timed step over all rounds: which round and step, its seconds and tokens (an outlier is found
+    by looking at what that step held)."""
+    worst = None
+    for round_index, run in enumerate(runs):
+        start = run["timed_from_step"]
+        timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
+        for offset, (seconds, tokens) in enumerate(zip(timed, run["tokens_per_step"])):
+            if worst is None or seconds > worst["s"]:
+                worst = {"s": round(seconds, 4), "round": round_index + 1, "step": start + offset + 1,
+                         "tokens": tokens[0], "padded_tokens": tokens[2]}
+    return worst or {}
 
 
 def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
@@ -397,12 +435,16 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "trained_tokens_per_s": round(trained / total, 1),
         "padded_tokens_per_s": round(padded / total, 1),
         "samples_per_s": round(samples_per_s, 3),
-        "step_s": {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
-                   "max": round(max(times), 4), "n": len(times)},
+        "step_s": {"mean": round(statistics.fmean(times), 4), "median": round(statistics.median(times), 4),
+                   "min": round(min(times), 4), "max": round(max(times), 4), "n": len(times),
+                   "slowest": slowest_step(runs)},
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
-        "mfu": round(tokens_per_s / first.get("world_size", 1) * first["flops_per_token"] / (peak * 1e12), 4)
-        if peak else None,  # per GPU
+        # per GPU, two conventions (FLOPS_FORMULAS): what a LoRA step computes, and the 6N of full fine-tuning
+        "mfu": round(tokens_per_s / world * first["flops_per_token"] / (peak * 1e12), 4) if peak else None,
+        "mfu_lora": round(tokens_per_s / world * first["flops_per_token_lora"] / (peak * 1e12), 4)
+        if peak and "flops_per_token_lora" in first else None,
         "flops_per_token": first["flops_per_token"],
+        "flops_per_token_lora": first.get("flops_per_token_lora"),
         "mean_tokens_per_sample": round(first["mean_tokens_per_sample"], 1),
         "epoch_hours_medmcqa_train": round(MEDMCQA_TRAIN_QUESTIONS / samples_per_s / 3600, 2),
         "trainable_params": first["trainable_params"],
@@ -482,8 +524,10 @@ def write_results(args: BenchArguments, lora: LoraArguments, runs: dict[str, lis
     out = {
         "date": date.today().isoformat(), "gpu": gpu, "world_size": args.nproc_per_node,
         "versions": runinfo.versions(), "hardware": hw, "config": {"bench": asdict(args), "lora": asdict(lora)},
-        "mfu_formula": "tokens/s per GPU * (6*N_active + 12*L_attn*d_attn*T) / peak_bf16; N_active counts routed "
-                       "experts as top_k/n_experts, excludes input embeddings",
+        "mfu_formula": "tokens/s per GPU * flops_per_token / peak_bf16 (dense bf16 peak of the GPU); mfu uses the "
+                       "6n convention, mfu_lora the lora one; N_active counts routed experts as top_k/n_experts and "
+                       "excludes input embeddings",
+        "flops_formulas": FLOPS_FORMULAS,
         "complete": all(len(runs.get(b, [])) == args.rounds for b in args.backends),
         "results": results,
     }

@@ -197,7 +197,8 @@ class RunArguments:
         default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
     )
     audit: bool = field(default=True, metadata={"help": "label-mask and gradient-flow audits before step 1"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds a run"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a previous run in output_dir (only medlora's own files, its checkpoints too)"})
     eval_batch_size: int = field(default=8, metadata={"help": "questions per forward pass when scoring"})
 
     def validate(self, train: Any = None) -> None:

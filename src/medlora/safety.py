@@ -309,8 +309,12 @@ def check_resume_fingerprint(checkpoint: str, current: dict[str, Any], say=print
         say(f"medlora: warning: {Path(checkpoint).name} has no {FINGERPRINT} (saved by an older medlora): its "
             "settings and data cannot be compared with this run's")
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    old, new = saved.get("settings", {}), current["settings"]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old, new = dict(saved.get("settings", {})), current["settings"]
+    except (ValueError, OSError, AttributeError, TypeError):
+        raise ConfigError(f"--resume_from_checkpoint: {path} cannot be read as a run fingerprint; the checkpoint is "
+                          "damaged: name an older one, or start a new run") from None
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     refused = [k for k in differ if k not in RESUMABLE]
     changes = ", ".join(f"{k} {bounded(repr(old.get(k)), 60)} -> {bounded(repr(new.get(k)), 60)}" for k in refused[:8])
