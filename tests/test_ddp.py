@@ -47,7 +47,14 @@ def test_torchrun_two_processes_train_identical_adapters_hf(hf_ddp):
 
 
 def test_torchrun_two_processes_train_identical_adapters_fast(tmp_path):
-    check_ddp(tmp_path / "ddp", torchrun(tmp_path / "ddp", tmp_path / "tiny", "--backend", "fast"), "fast")
+    """Backend fast under DDP, with the careful recipe on: the best checkpoint by accuracy (every rank loads the
+    same one: the adapters stay identical) and the forgetting guard scored across both ranks."""
+    metrics = torchrun(tmp_path / "ddp", tmp_path / "tiny", "--backend", "fast", "--metric_for_best_model",
+                       "eval_accuracy", "--load_best_model_at_end", "true", "--early_stopping_patience", "5",
+                       "--general_eval_data", "data/sample/general_mcq_sample.jsonl")
+    check_ddp(tmp_path / "ddp", metrics, "fast")
+    assert metrics["best_checkpoint"]["adapter_is_best"] and metrics["best_checkpoint"]["step"] in (3, 6)
+    assert metrics["forgetting"]["n"] == 66 and metrics["forgetting"]["base_general_accuracy"] is not None
 
 
 def test_fsdp2_shards_the_model_and_saves_the_same_adapter_as_ddp(hf_ddp, tmp_path):

@@ -1,4 +1,4 @@
-"""Execute notebooks/01-04 top to bottom with nbclient and check their key outputs.
+"""Execute notebooks/01-05 top to bottom with nbclient and check their key outputs.
 
 The kernel is the kernelspec "python3". jupyter_client starts it with the interpreter running these tests
 (`sys.executable`, i.e. the project venv), and `test_kernel_is_this_python_and_cwd_is_repo_root` checks that.
@@ -53,7 +53,7 @@ def output_text(nb) -> str:
                 parts.append("\n".join(out.traceback))
             else:
                 data = out.get("data", {})
-                parts += [data.get("text/plain", ""), data.get("text/html", "")]
+                parts += [data.get("text/plain", ""), data.get("text/html", ""), data.get("text/markdown", "")]
     return "\n".join(parts)
 
 
@@ -80,7 +80,7 @@ def test_kernel_is_this_python_and_cwd_is_repo_root():
     prefix, cwd = json.loads(nb.cells[-1].outputs[0].text)
     assert Path(prefix).resolve() == Path(sys.prefix).resolve(), f"kernel runs {prefix}, tests run {sys.prefix}"
     assert Path(cwd).resolve() == ROOT.resolve()
-    assert len(cells) == 9  # four notebooks
+    assert len(cells) == 11  # five notebooks
 
 
 @pytest.mark.slow
@@ -136,7 +136,40 @@ def test_03_training_writes_adapter_and_comparison():
     # run_eval on the saved adapter scores the held-out questions exactly as train() did in memory
     assert summary["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
     assert summary["base"]["accuracy"] == pytest.approx(metrics["base_eval_accuracy"], abs=1e-9)
-    assert image_count(nb) >= 2  # loss curve, per-subject comparison
+    assert image_count(nb) >= 2  # loss / accuracy / general accuracy curves, per-subject comparison
+    # the careful recipe of configs/tiny-careful.yaml: best checkpoint kept, forgetting guard, replay mixture
+    best = metrics["best_checkpoint"]
+    assert best["metric"] == "eval_accuracy" and best["adapter_is_best"] and best["step"] in (10, 20, 30)
+    evaluated = {e["step"]: e["eval_accuracy"] for e in metrics["log_history"] if "eval_accuracy" in e}
+    assert best["value"] == max(evaluated[s] for s in (10, 20, 30))
+    assert metrics["forgetting"]["n"] > 0 and metrics["forgetting"]["max_forgetting"] == 0.05
+    assert any("eval_general_accuracy" in e for e in metrics["log_history"])
+    assert metrics["data_mix"]["replay"] > 0
+    recipe = outputs_of(nb, "03-recipe")
+    assert "best_checkpoint" in recipe and f"'checkpoint': '{best['checkpoint']}'" in recipe
+
+
+@pytest.mark.slow
+def test_05_sweep_runs_two_trials_and_writes_the_table_chart_and_best_config():
+    import csv
+
+    import yaml
+
+    out = ROOT / "outputs" / "notebook-05"
+    started = time.time()
+    nb = run_notebook("05_sweep.ipynb")
+    text = output_text(nb)
+    assert "Traceback" not in text
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and all(r["state"] in ("complete", "pruned") for r in rows), rows
+    for row in rows:
+        run_dir = ROOT / row["run_dir"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["global_steps"] <= 10 and (run_dir / "metrics.json").stat().st_mtime >= started - 1
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    space = yaml.safe_load((ROOT / "configs" / "sweep-tiny.yaml").read_text())
+    assert set(space) <= set(best) and best["lora_r"] in space["lora_r"]["choices"]
+    assert image_count(nb) >= 1 and "| trial | state |" in text
 
 
 def outputs_of(nb, cell_id: str) -> str:

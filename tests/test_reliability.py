@@ -27,11 +27,12 @@ def _sections() -> list[type]:
     from medlora.loss_bench import LossBenchArguments
     from medlora.modelcard import ReportArguments
     from medlora.rehearsal import RehearsalArguments
+    from medlora.sweep import SweepArguments
 
     return [config.ModelArguments, config.LoraArguments, config.DataArguments, config.RunArguments,
             config.EvalArguments, config.PrepareArguments, cli.AskArguments, cli.InspectArguments,
             cli.BuildTinyArguments, cli.EnvArguments, cli.SetupKernelsArguments, BenchArguments, LossBenchArguments,
-            ExportArguments, RehearsalArguments, ReportArguments]
+            ExportArguments, RehearsalArguments, ReportArguments, SweepArguments]
 
 
 REQUIRED = {"AskArguments": {"question": "Which nerve?", "options": ["a", "b", "c", "d"]}}
@@ -58,6 +59,14 @@ ACCEPTED = {
     ("ExportArguments", "check_examples"): [0],  # 0: no reload check
     ("RehearsalArguments", "train_flags"): ["", " "],
     ("RehearsalArguments", "tag"): [""],
+    ("RunArguments", "early_stopping_patience"): [0],  # 0: off
+    ("RunArguments", "early_stopping_threshold"): [0.0],
+    ("RunArguments", "max_forgetting"): [0.0],  # any drop stops the run
+    ("DataArguments", "mix_ratio"): [0.0],  # no replay
+    ("SweepArguments", "seed"): [0],
+    ("SweepArguments", "pruner_startup_trials"): [0],
+    ("SweepArguments", "pruner_warmup_steps"): [0],
+    ("SweepArguments", "train_flags"): ["", " "],
 }
 SFT_ACCEPTED = {"max_steps": ["-1"], "seed": ["0"], "data_seed": ["0"], "dataloader_num_workers": ["0"],
                 "local_rank": ["-1", "0"], "torch_empty_cache_steps": ["1000000000000"]}

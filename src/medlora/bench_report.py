@@ -39,15 +39,13 @@ def markdown_table(out: dict[str, Any]) -> str:
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend and open figures stay as they are
 
     names = [r["backend"] + (" (OOM)" if r.get("oom") else " (failed)" if r.get("failed") else "")
              for r in out["results"]]
     values = [r["tokens_per_s"] or 0 for r in out["results"]]
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3))
+    fig = Figure(figsize=(max(5, 1.3 * len(names)), 3))
+    ax = fig.subplots()
     bars = ax.bar(names, values, color=(["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"] * 3)[: len(names)])
     ax.tick_params(axis="x", labelsize=7, rotation=20)
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values])
@@ -55,7 +53,6 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{out['config']['bench']['model_spec']} on {out['gpu'] or 'CPU'}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 

@@ -8,10 +8,12 @@ share the machine's conditions. Every worker builds the same `SFTTrainer` config
 `medlora train` uses (same pre-tokenised MedMCQA examples, completion-only loss, optimizer, LoRA
 targets) and times optimizer steps after a warm-up with CUDA synchronisation on both sides.
 
-MFU = tokens/s x FLOPs/token / peak bf16 FLOP/s, with FLOPs/token = 6 x N_active + 12 x L_attn x
-d_attn x T (PaLM appendix B; N_active = parameters a token meets: all dense weights, the LM head,
-and top_k / n_experts of the routed experts; input embeddings excluded; the frozen base is counted
-as if trained, LoRA's own FLOPs are not). Peak: 989 TFLOP/s dense bf16 for H100/H200 SXM.
+MFU = tokens/s x FLOPs/token / peak bf16 FLOP/s, reported two ways (FLOPS_FORMULAS, written into the JSON):
+`mfu_lora` counts what a LoRA step computes (4 x N_active through the frozen weights, 6 x N_lora_active for the
+adapters), `mfu` the full fine-tuning convention 6 x N_active of NVIDIA's and PaLM's tables; both add
+12 x L_attn x d_attn x T for attention. N_active = parameters a token meets: all dense weights, the LM head and
+top_k / n_experts of the routed experts (and of their LoRA factors); input embeddings excluded.
+Peak: 989 TFLOP/s dense bf16 for H100/H200 SXM, 312 for A100.
 """
 
 from __future__ import annotations

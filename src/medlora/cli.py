@@ -198,6 +198,12 @@ def run_env(argv, args: EnvArguments) -> None:
         console.print(table)
 
 
+def run_sweep(argv, args) -> None:
+    from medlora.sweep import run_sweep as sweep
+
+    sweep(args)
+
+
 def run_setup_kernels(argv, args: SetupKernelsArguments) -> None:
     from medlora.kernels import MAMBA_SSM_FILE, ensure_mamba_ssm
 
@@ -242,6 +248,7 @@ class Command:
     run: Callable[..., Any]  # run(argv, *parsed sections)
     reads_training_configs: bool = False  # accepts (and ignores) the keys of a training YAML
     positional: str | None = None  # a leading positional argument is this flag
+    config_flag: str | None = None  # `--config FILE` is this command's own flag (sweep: the trials' config)
     before: Callable[[list[str]], None] | None = None  # runs before anything imports transformers
 
 
@@ -266,6 +273,8 @@ COMMANDS: dict[str, Command] = {
                       lambda: (ModelArguments, _one("medlora.export", "ExportArguments")()[0]), run_export),
     "rehearse": Command("the real recipe end to end (train, SIGTERM, resume, eval, export), every phase timed",
                         _one("medlora.rehearsal", "RehearsalArguments"), run_rehearse),
+    "sweep": Command("search LoRA / optimiser settings with Optuna (TPE, pruning on eval accuracy); each trial a run",
+                     _one("medlora.sweep", "SweepArguments"), run_sweep, config_flag="--train_config"),
     "env": Command("this machine's GPU, libraries and the kernel each backend will use (and why)",
                    lambda: (EnvArguments,), run_env),
     "setup-kernels": Command("fetch (or take --from a file) the pinned Triton kernels of backend fast into the cache",
@@ -294,6 +303,9 @@ def run_command(name: str, argv: Sequence[str]) -> None:
     argv = list(argv)
     if command.positional and argv and not argv[0].startswith("-"):
         argv = [f"--{command.positional}", argv[0], *argv[1:]]
+    if command.config_flag:
+        argv = [command.config_flag if a == "--config" else
+                a.replace("--config=", command.config_flag + "=", 1) if a.startswith("--config=") else a for a in argv]
     if command.before is not None:
         command.before(argv)
     sections = command.sections()

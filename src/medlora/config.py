@@ -160,8 +160,20 @@ class DataArguments:
     enable_thinking: bool = field(default=False, metadata={
         "help": "chat style: passed to the chat template. Off, Nemotron-3's template closes the think block in "
                 "the prompt (<think></think>, masked); answers never contain think tags"})
+    general_eval_data: str | None = field(default=None, metadata={
+        "help": "forgetting guard: a general-knowledge MCQ file (MedMCQA format, any subjects; offline sample: "
+                "data/sample/general_mcq_sample.jsonl) scored before training, at every eval and at the end"})
+    mix_data: str | None = field(default=None, metadata={
+        "help": "replay: general MCQ rows mixed into training at --mix_ratio (the 80:20 recipe: --mix_ratio 0.2)"})
+    mix_ratio: float = field(default=0.0, metadata={
+        "help": "share of the training examples drawn from --mix_data (seeded by --split_seed)"})
 
     def validate(self) -> None:
+        need_text(self.general_eval_data, "--general_eval_data", optional=True)
+        need_text(self.mix_data, "--mix_data", optional=True)
+        need_number(self.mix_ratio, "--mix_ratio", 0, 0.9)
+        need((self.mix_ratio > 0) == bool(self.mix_data), "--mix_data and --mix_ratio go together: a replay file "
+             "and the share of training examples it supplies (e.g. --mix_ratio 0.2)")
         need_text(self.data_path, "--data_path")
         need_text(self.eval_data_path, "--eval_data_path", optional=True)
         need_text(self.train_split, "--train_split")
@@ -196,6 +208,14 @@ class RunArguments:
     eval_accuracy_samples: int = field(
         default=200, metadata={"help": "eval questions scored for accuracy at each evaluation (0 = all)"}
     )
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "stop after this many evaluations without improving --metric_for_best_model (0: off; transformers' "
+                "EarlyStoppingCallback)"})
+    early_stopping_threshold: float = field(default=0.0, metadata={
+        "help": "an evaluation counts as an improvement only if it beats the best by more than this"})
+    max_forgetting: float | None = field(default=None, metadata={
+        "help": "forgetting guard: stop the run (checkpoint kept) when general accuracy (--general_eval_data) "
+                "drops more than this below the base model's, e.g. 0.05"})
     audit: bool = field(default=True, metadata={"help": "label-mask and gradient-flow audits before step 1"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace a previous run in output_dir (only medlora's own files, its checkpoints too)"})
@@ -222,6 +242,39 @@ class RunArguments:
              "--resume_from_checkpoint: one replaces the run, the other continues it; pass one of them")
         unknown = set(self.fast_checkpoint_blocks) - set(CHECKPOINT_BLOCKS)
         need(not unknown, f"--fast_checkpoint_blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
+        need_count(self.early_stopping_patience, "--early_stopping_patience", 0, 10**6)
+        need_number(self.early_stopping_threshold, "--early_stopping_threshold", 0, 1)
+        need_number(self.max_forgetting, "--max_forgetting", 0, 1, optional=True)
+        if train is not None:
+            check_best_model(self, train)
+
+
+def _value(option: Any) -> Any:
+    return getattr(option, "value", option)  # transformers' option enums, as their strings
+
+
+BEST_METRICS = ("eval_accuracy", "eval_loss", "eval_general_accuracy")  # what a train run's evaluations report
+
+
+def check_best_model(run: RunArguments, train: Any) -> None:
+    """The best-checkpoint and early-stopping settings, checked together before step 1 (transformers would fail
+    at the first evaluation, or with an assert at the start)."""
+    metric = train.metric_for_best_model
+    if metric is not None:
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"
+        close = difflib.get_close_matches(name, BEST_METRICS, n=1)
+        need(name in BEST_METRICS, f"--metric_for_best_model {shown(metric)}: a train run's evaluations report "
+             f"{', '.join(BEST_METRICS)}" + (f" (did you mean {close[0]}?)" if close else ""))
+        need(_value(train.eval_strategy) != "no", "--metric_for_best_model needs "
+             "evaluations: set --eval_strategy steps (and --eval_steps)")
+    need(not (train.load_best_model_at_end and run.fsdp2), "--load_best_model_at_end with --fsdp2: the sharded "
+         "adapter cannot be loaded back into the run; use DDP")
+    if run.early_stopping_patience:
+        need(metric is not None, "--early_stopping_patience needs --metric_for_best_model (e.g. eval_accuracy) "
+             "and --load_best_model_at_end true")
+    if run.max_forgetting is not None:
+        need(_value(train.eval_strategy) != "no", "--max_forgetting is checked at "
+             "every evaluation: set --eval_strategy steps (and --eval_steps)")
 
 
 def validate_sft(train: Any, run: RunArguments | None = None) -> None:
@@ -553,6 +606,9 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         run.validate(train)
     if train is not None:
         validate_sft(train, run)
+    if run is not None and data is not None:
+        need(run.max_forgetting is None or bool(data.general_eval_data), "--max_forgetting needs "
+             "--general_eval_data (the general questions it watches; offline: data/sample/general_mcq_sample.jsonl)")
 
 
 def to_dict(*sections: Any) -> dict[str, Any]:

@@ -784,6 +784,56 @@ class TrainingData:
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
     reports: list[LoadReport]
+    general_rows: list[dict[str, Any]] = field(default_factory=list)  # the forgetting guard's questions
+    mix: dict[str, Any] | None = None  # what the replay mixture added (counts per source)
+
+
+def mix_in(train_rows: list[dict[str, Any]], replay_rows: list[dict[str, Any]], ratio: float,
+           seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`train_rows` plus replay rows making up `ratio` of the result, seeded. Replay rows are drawn without
+    replacement, in further shuffled passes when the replay file is smaller than the share needs (said)."""
+    want = round(len(train_rows) * ratio / (1 - ratio))
+    rng = random.Random(seed)
+    picked: list[dict[str, Any]] = []
+    while len(picked) < want:
+        order = list(replay_rows)
+        rng.shuffle(order)
+        picked += order[: want - len(picked)]
+    mixed = train_rows + picked
+    rng.shuffle(mixed)
+    sources = Counter(row["source"] for row in picked)
+    return mixed, {"medical": len(train_rows), "replay": len(picked), "replay_unique": len({r["id"] for r in picked}),
+                   "replay_passes": round(want / len(replay_rows), 2), "ratio": round(len(picked) / len(mixed), 4),
+                   "replay_sources": dict(sources)}
+
+
+def load_general_data(data, train_rows, eval_rows, reports) -> tuple[list, list, dict | None]:
+    """(training rows with the replay mixed in, general eval rows, mix counts). The same file for both flags (the
+    offline default) is split by question stem, a third held out for the guard, so no question is both replayed
+    and used to measure forgetting."""
+    general, replay = [], []
+    same = bool(data.general_eval_data and data.mix_data) and \
+        Path(data.general_eval_data).expanduser().resolve() == Path(data.mix_data).expanduser().resolve()
+    if data.general_eval_data:
+        general, report = load_medmcqa(data.general_eval_data, data.eval_split, data.cop_base, data.skip_invalid)
+        reports.append(report)
+    if same:
+        parts = split_rows(general, 1 / 3, data.split_seed)
+        replay, general = parts["train"], parts["eval"]
+    elif data.mix_data:
+        replay, report = load_medmcqa(data.mix_data, data.train_split, data.cop_base, data.skip_invalid)
+        reports.append(report)
+    if replay:
+        check_leakage({"train": train_rows + replay, "eval": eval_rows})
+        if general:
+            check_leakage({"replay": replay, "general eval": general})
+    if general:
+        check_leakage({"train": train_rows, "general eval": general})
+    if not replay:
+        return train_rows, general, None
+    mixed, counts = mix_in(train_rows, replay, data.mix_ratio, data.split_seed)
+    counts["split_from_general_eval_data"] = same
+    return mixed, general, counts
 
 
 def load_training_data(data, output_dir: Path | None = None) -> TrainingData:
@@ -805,14 +855,15 @@ def load_training_data(data, output_dir: Path | None = None) -> TrainingData:
         else:
             parts = split_rows(train_rows, data.eval_fraction, data.split_seed)
             train_rows, eval_rows = parts["train"], parts["eval"]
-    if output_dir is not None:
-        for report in reports:
-            write_skipped(report, output_dir)
     if data.max_train_samples:
         train_rows = train_rows[: data.max_train_samples]
     if data.max_eval_samples:
         eval_rows = eval_rows[: data.max_eval_samples]
-    return TrainingData(train_rows, eval_rows, reports)
+    train_rows, general_rows, mix = load_general_data(data, train_rows, eval_rows, reports)
+    if output_dir is not None and any(r.issues for r in reports):  # one skipped.jsonl for every file read
+        merged = LoadReport(source="all", issues=[i for r in reports for i in r.issues])
+        write_skipped(merged, output_dir)
+    return TrainingData(train_rows, eval_rows, reports, general_rows, mix)
 
 
 def tokenize_rows(rows, tokenizer, options, max_length: int | None, name: str):

@@ -63,6 +63,35 @@ def format_lines(fmt: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def recipe_lines(metrics: dict[str, Any]) -> list[str]:
+    """The careful-recipe facts: which checkpoint the adapter is, early stopping, forgetting, replay."""
+    lines: list[str] = []
+    best, last, early = metrics.get("best_checkpoint"), metrics.get("last_eval"), metrics.get("early_stopping")
+    forgetting, mix = metrics.get("forgetting"), metrics.get("data_mix")
+    if best:
+        what = (f"the best checkpoint, step {best['step']} ({best['metric']} {best['value']:.4f})"
+                if best.get("adapter_is_best") else f"the last step (best was step {best['step']}, "
+                f"{best['metric']} {best['value'] if best['value'] is None else round(best['value'], 4)})")
+        lines.append(f"- The adapter is {what}" + (
+            f"; at the last evaluation (step {last['step']}) eval accuracy was {_pct(last.get('eval_accuracy'))}"
+            if last else ""))
+    if early:
+        lines.append(f"- Early stopping (patience {early['patience']}): " + (
+            f"stopped at step {early['at_step']}" + (f" of {early['planned_steps']}" if early.get("planned_steps")
+                                                     else "") if early["stopped_early"] else "did not trigger"))
+    if forgetting:
+        lines.append(f"- Forgetting guard on {forgetting['n']} general-knowledge questions: base "
+                     f"{_pct(forgetting['base_general_accuracy'])}, adapter {_pct(forgetting['general_accuracy'])} "
+                     f"(drop {forgetting['drop'] * 100:+.1f} points; limit "
+                     f"{forgetting['max_forgetting'] if forgetting['max_forgetting'] is not None else 'none'})"
+                     + (f"; **the run was stopped at step {forgetting['stopped']['step']}** (drop "
+                        f"{forgetting['stopped']['drop'] * 100:.1f} points)" if forgetting.get("stopped") else ""))
+    if mix:
+        lines.append(f"- Replay: {mix['replay']} general rows mixed into {mix['medical']} medical ones "
+                     f"({mix['ratio'] * 100:.1f} % of training)")
+    return ["", "### Checkpoint selection and forgetting", "", *lines] if lines else []
+
+
 def render_model_card(metrics: dict[str, Any]) -> str:
     cfg = metrics["config"]
     model, lora, data = cfg["ModelArguments"], cfg["LoraArguments"], cfg["DataArguments"]
@@ -126,6 +155,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
     for subject, row in sorted((metrics.get("per_subject") or {}).items()):
         lines.append(f"| {subject} | {row['n']} | {_pct(base.get(subject, {}).get('accuracy'))} | "
                      f"{_pct(row['accuracy'])} |")
+    lines += recipe_lines(metrics)
     lines += [
         "",
         "## Intended use",

@@ -33,6 +33,8 @@ WRITES = {
               "runs", "checkpoint-*"),
     "eval": ("predictions.jsonl", "summary.json", "skipped.jsonl"),
     "prepare": (".medlora-prepare-*", "dataset_dict.json", "train", "eval", "test", "prepare_summary.json", "skipped.jsonl"),
+    "sweep": ("trial-*", "optuna.journal*", "sweep.json", "results.csv", "results.md", "results.png", ".*.tmp.png",
+              "best.yaml", ".medlora.lock"),
     "export": ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                "README.md", "medlora_export.json"),

@@ -152,7 +152,8 @@ class CheckpointCommit(_Bound, _callback_base()):
                 (checkpoint / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, default=str))
             commit_checkpoint(checkpoint)
             # only now may older checkpoints go: a kill in between still leaves a complete one
-            rotate_checkpoints(Path(args.output_dir), args.save_total_limit, keep=(checkpoint,
+            limit = getattr(self.trainer, "save_total_limit", args.save_total_limit)
+            rotate_checkpoints(Path(args.output_dir), limit, keep=(checkpoint,
                                state.best_model_checkpoint))
             started = getattr(self.trainer, "save_started", None)
             if started is not None:

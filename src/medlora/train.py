@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import EarlyStoppingCallback
 
 from medlora import runinfo
 from medlora.audit import run_audits, zero_weight_rows
@@ -32,14 +33,16 @@ from medlora.phases import PhaseLog
 from medlora.runinfo import write_json
 from medlora.outputs import claim_output_dir
 from medlora.safety import RunLock, check_resume_fingerprint, oom_error, resolve_resume, run_fingerprint
-from medlora.trainer import build_sft_config, build_trainer, gather_checksums, run_callbacks
+from medlora.trainer import (ForgettingGuard, build_sft_config, build_trainer, find_callback, gather_checksums,
+                             run_callbacks)
 
 
 def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
-          run_args: RunArguments, train_args) -> dict[str, Any]:
+          run_args: RunArguments, train_args, extra_callbacks=()) -> dict[str, Any]:
     """Fine-tune with LoRA and write OUTPUT_DIR/adapter, metrics.json and MODEL_CARD.md. Returns the metrics.
 
     The main process holds OUTPUT_DIR/.medlora.lock for the whole run (medlora.safety.RunLock).
+    `extra_callbacks` run after medlora's own (a sweep's pruning callback reads the metrics they log).
     """
     validate(model_args, lora_args, data_args, run_args, train_args)
     output_dir = Path(train_args.output_dir)
@@ -53,7 +56,7 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         claim_output_dir(output_dir, "train", run_args.overwrite, keep=bool(train_args.resume_from_checkpoint),
                          inputs=[i for i in inputs if i], before_changes=take_lock)
     try:
-        return _run(model_args, lora_args, data_args, run_args, train_args, output_dir)
+        return _run(model_args, lora_args, data_args, run_args, train_args, output_dir, extra_callbacks)
     except torch.OutOfMemoryError as err:
         raise oom_error(err) from None
     finally:
@@ -61,7 +64,8 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
             lock.release()
 
 
-def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Path) -> dict[str, Any]:
+def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Path,
+         extra_callbacks=()) -> dict[str, Any]:
     from rich.console import Console
     from transformers import set_seed
 
@@ -80,8 +84,13 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
         if report.issues:
             console.print(format_issues(report.issues, "rows skipped (see skipped.jsonl)"))
     resume_path = resolve_resume(output_dir, train_args.resume_from_checkpoint)
+    if data.mix:
+        console.print(f"[bold]replay[/] {data.mix['replay']} general rows mixed into {data.mix['medical']} medical "
+                      f"({data.mix['ratio']:.1%} of training; {data.mix['replay_unique']} distinct, "
+                      f"{data.mix['replay_passes']} passes over the replay rows)")
     fingerprint = run_fingerprint((model_args, lora_args, data_args, run_args), train_args,
-                                  {"train": data.train_rows, "eval": data.eval_rows}, runinfo.world_size())
+                                  {"train": data.train_rows, "eval": data.eval_rows, "general": data.general_rows},
+                                  runinfo.world_size())
     if resume_path:  # only the same run, on the same data, continues (a few settings may change, with a warning)
         check_resume_fingerprint(resume_path, fingerprint, say=console.print)
         phases.event("resume_from", checkpoint=Path(resume_path).name)
@@ -107,7 +116,8 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
 
     # 3. trainer: the SFT rules and the trainer class `medlora bench` uses too
     config = build_sft_config(train_args, backend, run_args.fsdp2, say=console.print)
-    callbacks, signal_stop = run_callbacks(data.eval_rows, tokenizer, options, run_args)
+    callbacks, signal_stop = run_callbacks(data.eval_rows, tokenizer, options, run_args, data.general_rows)
+    callbacks += list(extra_callbacks)
     trainer = build_trainer(model, tokenizer, config, train_ds, eval_ds, callbacks, run_args.fsdp2, phases)
     trainer.fingerprint = fingerprint
 
@@ -117,6 +127,13 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
     with trainer.model.disable_adapter(), phases.timed("base_score", n=len(data.eval_rows)):
         base_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
+    guard = find_callback(trainer, ForgettingGuard)
+    if guard is not None:
+        with trainer.model.disable_adapter(), phases.timed("base_general_score", n=len(guard.rows)):
+            guard.base_accuracy = guard.score(trainer.model)
+        console.print(f"forgetting guard: base model {guard.base_accuracy:.3f} on {len(guard.rows)} general "
+                      "questions" + (f"; the run stops if it drops more than {run_args.max_forgetting}"
+                                     if run_args.max_forgetting is not None else ""))
 
     # 5. fit: SIGTERM / SIGINT save a checkpoint at the end of the step and stop (exit 128 + signal)
     signal_stop.install()
@@ -131,11 +148,13 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
                           signal_stop.signum)
 
     # 6. finish: final eval loss and accuracy, metrics, adapter, model card
+    history = list(trainer.state.log_history)  # the evaluations during training (the final one follows)
     eval_metrics = trainer.evaluate()  # also runs the accuracy callback on the (limited) eval rows
     with phases.timed("final_score", n=len(data.eval_rows)):
         final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
     metrics = _metrics(trainer, train_result, eval_metrics, summarise(base_preds, bootstrap_samples=0),
                        summarise(final_preds), data, train_ds, eval_ds, train_long, eval_long)
+    metrics.update(recipe_metrics(trainer, guard, data, train_args, console, history))
     metrics.update({"audits": audits, "format": fmt, "backend": run_args.backend, "backend_report": backend_report,
                     "lora": lora_counts, "wall_time_s": round(time.time() - started, 1),
                     "config": to_dict(model_args, lora_args, data_args, run_args, config),
@@ -144,6 +163,52 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
     if not math.isfinite(metrics["train_loss"]):
         raise MedloraError(f"training loss is {metrics['train_loss']}; see {output_dir}")
     return metrics
+
+
+def recipe_metrics(trainer, guard, data, train_args, console, history) -> dict[str, Any]:
+    """What the careful-recipe settings did: the best checkpoint (and the last evaluation, when the adapter is
+    the best one), early stopping, the forgetting guard, the replay mixture. Said on the console too."""
+    state, out = trainer.state, {}
+    by_step: dict[int, dict[str, Any]] = {}
+    for entry in history:  # one evaluation logs several entries (loss, accuracy, general accuracy): merged
+        if any(k.startswith("eval_") for k in entry):
+            by_step.setdefault(entry.get("step"), {"step": entry.get("step")}).update(
+                {k: v for k, v in entry.items() if k in ("eval_accuracy", "eval_general_accuracy", "eval_loss")})
+    if by_step:
+        out["last_eval"] = by_step[max(by_step, key=lambda s: s or 0)]
+    if train_args.metric_for_best_model:
+        best = state.best_model_checkpoint
+        step = state.best_global_step or (int(Path(best).name.split("-")[-1]) if best else None)
+        out["best_checkpoint"] = {"metric": train_args.metric_for_best_model, "value": state.best_metric,
+                                  "step": step, "checkpoint": Path(best).name if best else None,
+                                  "adapter_is_best": bool(train_args.load_best_model_at_end and best)}
+        if out["best_checkpoint"]["adapter_is_best"]:
+            console.print(f"[bold]best checkpoint[/]: {Path(best).name} ({train_args.metric_for_best_model} "
+                          f"{state.best_metric:.4f}); adapter/ holds it (the last evaluation, step "
+                          f"{out.get('last_eval', {}).get('step')}, is in metrics.json last_eval)")
+    early = find_callback(trainer, EarlyStoppingCallback)
+    if early is not None:
+        planned = trainer.args.max_steps if trainer.args.max_steps > 0 else None
+        stopped = early.early_stopping_patience_counter >= early.early_stopping_patience
+        out["early_stopping"] = {"patience": early.early_stopping_patience,
+                                 "threshold": early.early_stopping_threshold, "stopped_early": stopped,
+                                 "at_step": state.global_step, "planned_steps": planned}
+        if stopped:
+            console.print(f"[bold]early stopping[/]: no improvement in {early.early_stopping_patience} evaluations; "
+                          f"stopped at step {state.global_step}" + (f" of {planned}" if planned else ""))
+    if guard is not None:
+        final = guard.score(trainer.model)
+        out["forgetting"] = {"n": len(guard.rows), "base_general_accuracy": guard.base_accuracy,
+                             "general_accuracy": final, "drop": round(guard.base_accuracy - final, 4),
+                             "max_forgetting": guard.max_forgetting, "stopped": guard.stopped}
+        if guard.stopped:
+            console.print(f"[bold red]forgetting guard[/]: stopped at step {guard.stopped['step']}: general accuracy "
+                          f"{guard.stopped['general_accuracy']:.3f}, {guard.stopped['drop']:.3f} below the base model's "
+                          f"{guard.base_accuracy:.3f} (> --max_forgetting {guard.max_forgetting}); "
+                          f"checkpoint-{guard.stopped['step']} kept")
+    if data.mix:
+        out["data_mix"] = data.mix
+    return out
 
 
 def _load(backend: Backend, model_args, lora_args, run_args, train_args, phases: PhaseLog, console):

@@ -27,7 +27,8 @@ def build_sft_config(train_args, backend: Backend, fsdp2: bool = False, say=prin
     * bitsandbytes' 8-bit optimizers need CUDA: without it, plain AdamW (said once);
     * Unsloth and fast checkpoint activations themselves, so the Trainer's checkpointing is off for them;
     * the Trainer's checkpointing is non-reentrant (LoRA parameters are the only ones needing gradients);
-    * FSDP2 shards the optimizer state: checkpoints keep the model (the adapter) only.
+    * FSDP2 shards the optimizer state: checkpoints keep the model (the adapter) only;
+    * a resumed run restores the callbacks' state (early stopping's count), as the best checkpoint is restored.
     """
     config = copy.copy(train_args)
     if not torch.cuda.is_available() and "bnb" in str(config.optim):
@@ -41,6 +42,7 @@ def build_sft_config(train_args, backend: Backend, fsdp2: bool = False, say=prin
     if backend.checkpoints_itself:
         config.gradient_checkpointing = False
     config.completion_only_loss = True
+    config.restore_callback_states_from_checkpoint = True  # early stopping's patience count survives a resume
     if config.gradient_checkpointing and config.gradient_checkpointing_kwargs is None:
         config.gradient_checkpointing_kwargs = {"use_reentrant": False}
     return config
@@ -52,16 +54,23 @@ def build_trainer(model, tokenizer, config, train_dataset, eval_dataset=None, ca
     from medlora.compat import patch_trl_cpu_loss
 
     patch_trl_cpu_loss()
-    return MedloraSFTTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=tokenizer, callbacks=list(callbacks), fsdp2=fsdp2, phases=phases)
+    # transformers rotates checkpoints (save_total_limit) inside its save, before medlora commits the new one: a
+    # kill in between left none complete. The Trainer gets no limit; safety.rotate_checkpoints applies it after
+    # the commit (CheckpointCommit), keeping the best checkpoint too.
+    trainer_args = copy.copy(config)
+    trainer_args.save_total_limit = None
+    return MedloraSFTTrainer(model=model, args=trainer_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=tokenizer, callbacks=list(callbacks), fsdp2=fsdp2, phases=phases,
+                             save_total_limit=config.save_total_limit)
 
 
 class MedloraSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer plus what a medlora run keeps track of: FSDP2 adapter saving, the phase log (evaluations
     and checkpoint saves timed), the last loss (for the non-finite message) and each step's real tokens."""
 
-    def __init__(self, *args, fsdp2: bool = False, phases: PhaseLog | None = None, **kwargs):
+    def __init__(self, *args, fsdp2: bool = False, phases: PhaseLog | None = None, save_total_limit=None, **kwargs):
         self.fsdp2 = fsdp2
+        self.save_total_limit = save_total_limit  # applied by safety.rotate_checkpoints after each commit
         self.phases = phases or PhaseLog(kwargs["args"].output_dir, enabled=False)
         self.last_loss = None
         self.step_tokens = None
@@ -98,10 +107,6 @@ class MedloraSFTTrainer(SFTTrainer):
     def _save_checkpoint(self, *args, **kwargs):
         self.save_started = time.time()  # CheckpointCommit records the save once it is committed
         return super()._save_checkpoint(*args, **kwargs)
-
-    def _rotate_checkpoints(self, *args, **kwargs):
-        """Off: transformers deletes the oldest checkpoint before the new one is committed, so a kill in between
-        left none complete; `safety.rotate_checkpoints` runs after the commit instead."""
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask")  # real tokens of this micro-batch, summed on the device (no sync)
@@ -141,14 +146,61 @@ class MedMCQAAccuracyCallback(_callback_base()):
         self.trainer.log({"eval_accuracy": accuracy, "eval_accuracy_n": len(self.rows)})
 
 
-def run_callbacks(eval_rows, tokenizer, options, run) -> tuple[list, Any]:
-    """The callbacks of a `train` run, and the SignalStop among them (installed around `trainer.train`)."""
+class ForgettingGuard(_callback_base()):
+    """After each evaluation, score the general-knowledge questions (the model's other skills) and log the accuracy
+    and its drop from the base model's; with `max_forgetting`, a drop beyond it saves a checkpoint and stops the
+    run (`stopped` says at which step and by how much)."""
+
+    def __init__(self, rows, tokenizer, options, batch_size: int, max_forgetting: float | None):
+        self.rows, self.tokenizer, self.options, self.batch_size = rows, tokenizer, options, batch_size
+        self.max_forgetting = max_forgetting
+        self.base_accuracy: float | None = None  # set by train() before step 1 (adapter disabled)
+        self.stopped: dict[str, Any] | None = None
+        self.trainer = None
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def score(self, model) -> float:
+        from medlora.evaluate import distributed_score, summarise
+
+        preds = distributed_score(model, self.tokenizer, self.rows, self.options, self.batch_size)
+        return summarise(preds, bootstrap_samples=0)["accuracy"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        accuracy = self.score(self.trainer.model)
+        drop = self.base_accuracy - accuracy if self.base_accuracy is not None else None
+        values = {"eval_general_accuracy": accuracy, "eval_general_drop": drop}
+        if metrics is not None:
+            metrics.update(values)  # so --metric_for_best_model eval_general_accuracy works too
+        self.trainer.log(values)
+        if self.max_forgetting is not None and drop is not None and drop > self.max_forgetting and not self.stopped:
+            self.stopped = {"step": state.global_step, "drop": round(drop, 4), "general_accuracy": accuracy,
+                            "base_general_accuracy": self.base_accuracy, "max_forgetting": self.max_forgetting}
+            control.should_save = True  # this step's checkpoint is kept, then the run stops
+            control.should_training_stop = True
+
+
+def run_callbacks(eval_rows, tokenizer, options, run, general_rows=()) -> tuple[list, Any]:
+    """The callbacks of a `train` run, and the SignalStop among them (installed around `trainer.train`).
+    Order matters: the metrics the evaluation callbacks add are what early stopping and the best checkpoint read."""
     from medlora.safety import CheckpointCommit, NonFiniteStop, SignalStop
 
     signal_stop = SignalStop()
-    callbacks = [MedMCQAAccuracyCallback(eval_rows, tokenizer, options, run.eval_batch_size, run.eval_accuracy_samples),
-                 CheckpointCommit(), signal_stop, NonFiniteStop(), StepClock()]
+    callbacks = [MedMCQAAccuracyCallback(eval_rows, tokenizer, options, run.eval_batch_size, run.eval_accuracy_samples)]
+    if general_rows:
+        callbacks.append(ForgettingGuard(list(general_rows), tokenizer, options, run.eval_batch_size,
+                                         run.max_forgetting))
+    if run.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_threshold))
+    callbacks += [CheckpointCommit(), signal_stop, NonFiniteStop(), StepClock()]
     return callbacks, signal_stop
+
+
+def find_callback(trainer, kind):
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
 
 
 # ---------------------------------------------------------------- the adapter every rank ends with
