@@ -108,6 +108,23 @@ def test_the_forgetting_guard_stops_the_run_and_keeps_that_checkpoint(tiny_dir, 
     assert "**the run was stopped at step 6**" in (out / "MODEL_CARD.md").read_text()
 
 
+def test_forgetting_seen_only_at_the_closing_evaluation_is_reported_not_called_a_stop(tiny_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`--eval_delay 6` keeps every evaluation out of a 5-step run (the Trainer evaluates the last step otherwise), so
+    only the closing evaluation sees the 0.2 drop: reported as the final adapter's drop with advice, not as a stop
+    that never happened."""
+    monkeypatch.setenv("COLUMNS", "300")
+    scripted_accuracy(monkeypatch, lambda state, args: 0.5, general_by_step={0: 0.6, 5: 0.4})
+    out = tmp_path / "run"
+    code, stdout, err = run_main(train_args(tiny_dir, out, "--general_eval_data", GENERAL, "--max_forgetting", "0.05",
+                                            "--max_steps", "5", "--eval_delay", "6"), capsys)
+    assert code == 0, err[-3000:]
+    forgetting = json.loads((out / "metrics.json").read_text())["forgetting"]
+    assert forgetting["stopped"] is None and forgetting["general_accuracy"] == 0.4
+    assert forgetting["drop"] == pytest.approx(0.2)
+    assert "the final adapter's general accuracy 0.400 is 0.200 below" in stdout and "stopped at step" not in stdout
+
+
 def test_replay_mixture_is_seeded_counted_and_never_measures_what_it_replays(tmp_path):
     from medlora.config import DataArguments
     from medlora.data import load_training_data, normalise_key

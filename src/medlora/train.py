@@ -149,6 +149,8 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
 
     # 6. finish: final eval loss and accuracy, metrics, adapter, model card
     history = list(trainer.state.log_history)  # the evaluations during training (the final one follows)
+    if guard is not None:
+        guard.watching = False  # the closing evaluation scores the kept adapter; it cannot stop a finished run
     eval_metrics = trainer.evaluate()  # also runs the accuracy callback on the (limited) eval rows
     with phases.timed("final_score", n=len(data.eval_rows)):
         final_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
@@ -197,7 +199,7 @@ def recipe_metrics(trainer, guard, data, train_args, console, history) -> dict[s
             console.print(f"[bold]early stopping[/]: no improvement in {early.early_stopping_patience} evaluations; "
                           f"stopped at step {state.global_step}" + (f" of {planned}" if planned else ""))
     if guard is not None:
-        final = guard.score(trainer.model)
+        final = guard.last_accuracy if guard.last_accuracy is not None else guard.score(trainer.model)
         out["forgetting"] = {"n": len(guard.rows), "base_general_accuracy": guard.base_accuracy,
                              "general_accuracy": final, "drop": round(guard.base_accuracy - final, 4),
                              "max_forgetting": guard.max_forgetting, "stopped": guard.stopped}
@@ -206,6 +208,11 @@ def recipe_metrics(trainer, guard, data, train_args, console, history) -> dict[s
                           f"{guard.stopped['general_accuracy']:.3f}, {guard.stopped['drop']:.3f} below the base model's "
                           f"{guard.base_accuracy:.3f} (> --max_forgetting {guard.max_forgetting}); "
                           f"checkpoint-{guard.stopped['step']} kept")
+        elif guard.max_forgetting is not None and out["forgetting"]["drop"] > guard.max_forgetting:
+            console.print(f"[bold red]forgetting guard[/]: the final adapter's general accuracy {final:.3f} is "
+                          f"{out['forgetting']['drop']:.3f} below the base model's {guard.base_accuracy:.3f} "
+                          f"(> --max_forgetting {guard.max_forgetting}); no evaluation during training saw it, so the "
+                          "run was not stopped: evaluate more often (--eval_steps) or pick an earlier checkpoint")
     if data.mix:
         out["data_mix"] = data.mix
     return out

@@ -156,6 +156,8 @@ class ForgettingGuard(_callback_base()):
         self.max_forgetting = max_forgetting
         self.base_accuracy: float | None = None  # set by train() before step 1 (adapter disabled)
         self.stopped: dict[str, Any] | None = None
+        self.last_accuracy: float | None = None  # of the latest evaluation (the final one: the adapter kept)
+        self.watching = True  # off for the closing evaluation: training is over, nothing is left to stop
         self.trainer = None
 
     def bind(self, trainer) -> None:
@@ -174,7 +176,9 @@ class ForgettingGuard(_callback_base()):
         if metrics is not None:
             metrics.update(values)  # so --metric_for_best_model eval_general_accuracy works too
         self.trainer.log(values)
-        if self.max_forgetting is not None and drop is not None and drop > self.max_forgetting and not self.stopped:
+        self.last_accuracy = accuracy
+        if self.watching and self.max_forgetting is not None and drop is not None and drop > self.max_forgetting \
+                and not self.stopped:
             self.stopped = {"step": state.global_step, "drop": round(drop, 4), "general_accuracy": accuracy,
                             "base_general_accuracy": self.base_accuracy, "max_forgetting": self.max_forgetting}
             control.should_save = True  # this step's checkpoint is kept, then the run stops
