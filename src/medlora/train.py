@@ -127,13 +127,7 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
         console.print(f"[green]audits passed[/]: labels {audits['labels']}, gradients {audits['gradients']}")
     with trainer.model.disable_adapter(), phases.timed("base_score", n=len(data.eval_rows)):
         base_preds = distributed_score(trainer.model, tokenizer, data.eval_rows, options, run_args.eval_batch_size)
-    guard = find_callback(trainer, ForgettingGuard)
-    if guard is not None:
-        with trainer.model.disable_adapter(), phases.timed("base_general_score", n=len(guard.rows)):
-            guard.base_accuracy = guard.score(trainer.model)
-        console.print(f"forgetting guard: base model {guard.base_accuracy:.3f} on {len(guard.rows)} general "
-                      "questions" + (f"; the run stops if it drops more than {run_args.max_forgetting}"
-                                     if run_args.max_forgetting is not None else ""))
+    guard = score_general_base(trainer, phases, console)
 
     # 5. fit: SIGTERM / SIGINT save a checkpoint at the end of the step and stop (exit 128 + signal)
     signal_stop.install()
@@ -165,6 +159,18 @@ def _run(model_args, lora_args, data_args, run_args, train_args, output_dir: Pat
     if not math.isfinite(metrics["train_loss"]):
         raise MedloraError(f"training loss is {metrics['train_loss']}; see {output_dir}")
     return metrics
+
+
+def score_general_base(trainer, phases: PhaseLog, console) -> ForgettingGuard | None:
+    """The forgetting guard's reference: the base model (adapter off) on the general questions, before step 1."""
+    guard = find_callback(trainer, ForgettingGuard)
+    if guard is not None:
+        with trainer.model.disable_adapter(), phases.timed("base_general_score", n=len(guard.rows)):
+            guard.base_accuracy = guard.score(trainer.model)
+        console.print(f"forgetting guard: base model {guard.base_accuracy:.3f} on {len(guard.rows)} general "
+                      "questions" + (f"; the run stops if it drops more than {guard.max_forgetting}"
+                                     if guard.max_forgetting is not None else ""))
+    return guard
 
 
 def recipe_metrics(trainer, guard, data, train_args, console, history) -> dict[str, Any]:
