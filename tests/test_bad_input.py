@@ -514,9 +514,10 @@ def train_unsloth(c):
     return _train(c, "--backend", "unsloth"), ["--backend unsloth needs an NVIDIA GPU", "use --backend hf"]
 
 
-@cli_case("train-4bit-without-cuda", no_cuda)
+@cli_case("train-4bit-hf")
 def train_4bit(c):
-    return _train(c, "--data", c.rows(), "--load_in_4bit", "true"), ["--load_in_4bit needs a CUDA GPU"]
+    return _train(c, "--data", c.rows(), "--load_in_4bit", "true"), [
+        "--load_in_4bit with --backend 'hf'", "quantise only the nn.Linear layers", "run with --backend fast"]
 
 
 @cli_case("train-unknown-backend")

@@ -57,7 +57,7 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
 
     from conftest import SAMPLE, run_cli
 
-    proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
+    proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast", "fast+nf4",
                     "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--nproc_per_node", "2",
                     "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
                     "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
@@ -66,12 +66,24 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     assert out["config"]["bench"]["in_memory"] is True and not (tmp_path / "models").exists()
     by = {r["backend"]: r for r in out["results"]}
-    assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
+    assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] == by["fast+nf4"]["trainable_params"] > 0
+    # the 4-bit row: same LoRA, its experts in NF4, said in the report
+    quantization = by["fast+nf4"]["backend_report"]["quantization"]
+    assert quantization["nf4_expert_layers"] > 0 and quantization["parameters_by_dtype"]["nf4 (routed experts)"] > 0
+    assert "quantization" not in by["fast"]["backend_report"]
     assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
     # selective checkpointing reaches the fast forward; the profiled last step is reported, not timed
     assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
     assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
     assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
+    # the breakdown names where an op's calls come from: the grouped GEMMs of the routed experts, in the forward
+    # (labelled block), and in the backward (autograd node); on CPU in fp32 each call loops (child ops)
+    breakdown = by["fast"]["profile_breakdown"]
+    assert breakdown["aten_ops"] > 1000 and breakdown["wall_s"] > 0
+    origins = {o["origin"]: o for o in breakdown["callers"]["aten::_grouped_mm"]["from"]}
+    assert "medlora.moe.routed_experts" in origins and any("GroupedMmBackward0" in o for o in origins)
+    assert origins["medlora.moe.routed_experts"]["children_per_call"] > 1
+    assert all("[" in shape for o in origins.values() for shape in o["shapes"])
     # two DDP processes per worker (gloo): a step counts both ranks' examples; per GPU = total / 2
     assert out["world_size"] == 2 and by["hf"]["world_size"] == 2
     for r in by.values():
@@ -188,7 +200,10 @@ def test_backends_are_parsed_once_into_one_object():
     run = RunArguments(backend="fast", fast_levers=["triton_mamba"], fast_gpu_arch="sm80")
     assert Backend.from_run(run) == Backend("fast", ("triton_mamba",), "sm80")
     assert Backend.from_run(RunArguments(backend="hf", fast_levers=["compile"])) == Backend("hf")
-    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "jax"):
+    # +nf4: the 4-bit experts of --load_in_4bit, for a bench row beside bf16 fast
+    assert Backend.parse("fast+nf4") == Backend("fast", fast.DEFAULT_LEVERS, nf4_experts=True)
+    assert Backend.parse("fast[triton_mamba]+nf4@sm80") == Backend("fast", ("triton_mamba",), "sm80", nf4_experts=True)
+    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
         with pytest.raises(ConfigError):
             Backend.parse(bad)
 

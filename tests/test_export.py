@@ -77,6 +77,10 @@ def test_export_never_overwrites_what_it_did_not_write(exported, tmp_path, capsy
     assert code == 0 and "reload check skipped" in out_text, err
     code, _, err = run_main(["export", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "x")], capsys)
     assert code == 2 and "no adapter_config.json" in err
+    # a 4-bit run's adapter merges into the real bf16 weights, never into NF4-rounded ones
+    code, _, err = run_main(["export", "--adapter", adapter, "--output_dir", str(tmp_path / "q"), "--load_in_4bit",
+                             "true"], capsys)
+    assert code == 2 and "never to NF4-rounded ones" in err and not (tmp_path / "q").exists()
 
 
 def test_bf16_export_is_within_the_stated_tolerance(cli_run, tmp_path, capsys):

@@ -184,7 +184,9 @@ def test_fast_falls_back_with_a_message_on_cpu(capsys):
         fast.load_kernels(("warp_drive",), "cpu")
 
 
-def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):
+def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp_path):
+    """fast trains packed rows, here with --load_in_4bit (the routed experts in NF4, medlora.quant): the gradient
+    audit passes on the 4-bit model, and metrics.json and the model card say what was stored in which dtype."""
     import json
 
     from conftest import run_cli
@@ -193,11 +195,25 @@ def test_train_cli_fast_with_packing_and_hf_refuses_it(tmp_path):
               "--tiny_cache_dir", str(tmp_path / "tiny"), "--packing", "true", "--eval_accuracy_samples", "4"]
     refused = run_cli([*common, "--output_dir", str(tmp_path / "hf")])
     assert refused.returncode == 2 and "--backend fast" in refused.stderr and "Traceback" not in refused.stderr
-    ok = run_cli([*common, "--backend", "fast", "--output_dir", str(tmp_path / "fast")])
+    ok = run_cli([*common, "--backend", "fast", "--load_in_4bit", "true", "--output_dir", str(tmp_path / "fast")])
     assert ok.returncode == 0, ok.stderr[-3000:]
     metrics = json.loads((tmp_path / "fast" / "metrics.json").read_text())
     assert metrics["backend"] == "fast" and metrics["config"]["SFTConfig"]["packing"] is True
     assert metrics["audits"]["gradients"]["lora_tensors"] > 0
+    quantization = metrics["backend_report"]["quantization"]
+    assert quantization["nf4_expert_layers"] > 0 and quantization["parameters_by_dtype"]["nf4 (routed experts)"] > 0
+    assert "routed experts in NF4" in ok.stdout
+    assert "in NF4" in (tmp_path / "fast" / "MODEL_CARD.md").read_text()
+    # eval of that adapter on the 4-bit base: the NF4 experts, with the adapter's LoRA, compute through the grouped
+    # GEMM (test_quant checks that the module call reads the NF4 data, never the placeholders)
+    from conftest import SAMPLE
+
+    scored = run_cli(["eval", "--model_name_or_path", "tiny", "--tiny_cache_dir", str(tmp_path / "tiny"),
+                      "--adapter", str(tmp_path / "fast" / "adapter"), "--load_in_4bit", "true", "--data", str(SAMPLE),
+                      "--limit", "4", "--output_dir", str(tmp_path / "ev")])
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and "routed experts in NF4" in scored.stdout
 
 
 def test_check_packed_notices_a_lost_or_altered_example():
@@ -240,3 +256,96 @@ def test_grouped_lora_experts_equal_peft_in_fp32(lora_pair, gemm_kind):
     (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
     assert rel(out, ref_out) < 1e-5 and rel(dx, ref_dx) < 1e-5
     assert all(rel(a, b) < 1e-5 and b.norm() > 0 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("gemm_kind", ["grouped_mm", "loop"])
+def test_expert_gemms_run_in_the_weight_dtype_whatever_the_input_dtype(tiny, gemm_kind):
+    """bf16 experts fed fp32 tokens: every expert GEMM (forward and backward) must be bf16 x bf16 — torch's CUTLASS
+    grouped GEMM takes bf16 only and otherwise loops per expert in fp32 with the weights upcast (measured on an
+    H200: 2/3 of a nano-full step). The output keeps the input's dtype and every LoRA factor gets a gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from medlora.model import apply_lora
+
+    base, _ = tiny
+    # r=8: torch's bf16 grouped GEMM needs 16-byte strides (the real runs use r=16)
+    model = apply_lora(copy.deepcopy(base).to(torch.bfloat16), LoraArguments(lora_r=8, lora_alpha=16))
+    experts = next(m for m in model.modules() if type(m).__name__ == "NemotronHMoE").experts
+    lora = [p for n, p in experts.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # PEFT keeps adapters fp32 beside a bf16 base
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(2)
+    n_exp, top_k = model.config.n_routed_experts, model.config.num_experts_per_tok
+    x = torch.randn(29, model.config.hidden_size, generator=g, requires_grad=True)
+    index = torch.stack([torch.randperm(n_exp, generator=g)[:top_k] for _ in range(29)])
+    weights = torch.rand(29, top_k, generator=g)
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_grouped_mm", "mm") and args[0].dim() >= 2:
+                seen.append((func.overloadpacket.__name__, args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        out = fast.grouped_lora_experts(experts, x, index, weights, gemm_kind)
+        out.float().square().sum().backward()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert seen and all(a == b == torch.bfloat16 for _, a, b in seen), sorted(set(seen))
+    assert all(p.grad is not None and p.grad.norm() > 0 for p in lora)
+
+
+def test_lora_inputs_skip_the_fp32_round_trip_under_autocast_with_identical_results(tiny):
+    """bf16 base + fp32 adapters under bf16 autocast (the GPU training setting): the fast forward lets PEFT's LoRA
+    layers take the bf16 activations as they are (autocast casts them to bf16 for the GEMM anyway) — same loss and
+    LoRA gradients bit for bit as with PEFT's cast to fp32, and fewer activation-sized copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from medlora.model import apply_lora
+
+    base, _ = tiny
+    model = apply_lora(copy.deepcopy(base).to(torch.bfloat16), LoraArguments(lora_r=8, lora_alpha=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    fast.enable(model, fast.DEFAULT_LEVERS, True)
+    model.train()
+    _, ids, mask, labels = batch([24, 17, 30])
+    blocks = fast.backbone_of(model).layers
+    assert sum(len(b._medlora_lora_layers) for b in blocks) > 0
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and args[0].numel() >= ids.numel() * 16:
+                CountCopies.copies += 1
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for keep_peft_cast in (True, False):
+        original = fast.block_forward
+        if keep_peft_cast:  # what PEFT does by itself: re-enable its cast after fast's block_forward chose
+            def forced(block, *a, **k):
+                for layer in block._medlora_lora_layers:
+                    layer.cast_input_dtype_enabled = True
+                block._saved, block._medlora_lora_layers = block._medlora_lora_layers, []
+                try:
+                    return original(block, *a, **k)
+                finally:
+                    block._medlora_lora_layers = block._saved
+            fast.block_forward = forced
+        CountCopies.copies = 0
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16), CountCopies():
+                out, grads = run(model, input_ids=ids, attention_mask=mask, labels=labels)
+        finally:
+            fast.block_forward = original
+        results.append((out.loss.detach(), grads, CountCopies.copies))
+    (loss_cast, grads_cast, copies_cast), (loss, grads, copies) = results
+    assert torch.equal(loss, loss_cast)
+    assert grads.keys() == grads_cast.keys() and all(torch.equal(grads[n], grads_cast[n]) for n in grads)
+    assert copies < copies_cast

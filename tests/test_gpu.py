@@ -13,18 +13,24 @@ pytestmark = pytest.mark.gpu
 NANO_CACHE = os.environ.get("MEDLORA_BENCH_MODELS", str(ROOT / "outputs" / "bench-models"))
 
 
-@pytest.mark.parametrize("backend", ["hf", "unsloth", "fast"])
-def test_tiny_train_and_eval_bf16(backend, tmp_path):
+@pytest.mark.parametrize("backend, four_bit", [("hf", False), ("unsloth", False), ("fast", False), ("fast", True)])
+def test_tiny_train_and_eval_bf16(backend, four_bit, tmp_path):
+    """Each backend trains and evaluates the tiny model in bf16 on the GPU; fast also with --load_in_4bit (the
+    experts loaded to CPU, quantised onto the GPU, trained and scored through the CUDA grouped GEMM)."""
     out = tmp_path / backend
+    quant = ["--load_in_4bit", "true"] if four_bit else []
     result = run_cli(["train", "--config", "configs/tiny.yaml", "--backend", backend, "--output_dir", str(out),
                       "--max_steps", "10", "--eval_steps", "5", "--save_steps", "5", "--report_to", "none",
-                      "--tiny_cache_dir", str(tmp_path / "tiny")])
+                      "--tiny_cache_dir", str(tmp_path / "tiny"), *quant])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["SFTConfig"]["bf16"] is True and metrics["backend"] == backend
     assert metrics["audits"]["gradients"]["lora_tensors"] > 0
+    if four_bit:
+        assert metrics["backend_report"]["quantization"]["nf4_expert_layers"] > 0
     ev = run_cli(["eval", "--model_name_or_path", str(tmp_path / "tiny"), "--adapter", str(out / "adapter"),
-                  "--data", "data/sample/medmcqa_sample.jsonl", "--output_dir", str(tmp_path / f"eval-{backend}")])
+                  "--data", "data/sample/medmcqa_sample.jsonl", "--output_dir", str(tmp_path / f"eval-{backend}"),
+                  *quant])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((tmp_path / f"eval-{backend}" / "summary.json").read_text())["n"] == 72
 

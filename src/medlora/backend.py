@@ -25,6 +25,7 @@ class Backend:
     levers: tuple[str, ...] = ()  # fast: the kernels on (the rest run exact PyTorch references)
     gpu_arch: str = "auto"  # fast: sm80 picks the A100 kernels on any GPU (medlora.kernels.plan_fast)
     triton_mamba_ops: bool = False  # hf+triton: hf with the Triton Mamba2 ops patched into transformers' mixer
+    nf4_experts: bool = False  # bench fast+nf4: the routed experts in NF4 (medlora.quant), as --load_in_4bit
 
     @classmethod
     def parse(cls, spec: str, option: str = "--backends") -> "Backend":
@@ -34,6 +35,11 @@ class Backend:
         arch = arch or "auto"
         if arch not in ("auto", "sm80"):
             raise ConfigError(f"{option} {spec}: the architecture suffix must be @sm80")
+        if text.endswith("+nf4"):  # fast+nf4, fast[...]+nf4: the 4-bit experts of --load_in_4bit
+            inner = cls.parse(text[:-4] + (f"@{arch}" if arch != "auto" else ""), option)
+            if not inner.is_fast or inner.nf4_experts:
+                raise ConfigError(f"{option} {spec}: +nf4 (4-bit routed experts), once, is for fast backends only")
+            return cls("fast", inner.levers, inner.gpu_arch, nf4_experts=True)
         if text in ("hf", "unsloth", "hf+triton"):
             if arch != "auto":
                 raise ConfigError(f"{option} {spec}: an architecture suffix is for fast backends only")
@@ -48,7 +54,7 @@ class Backend:
                 raise ConfigError(f"{option} {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
             return cls("fast", levers, arch)
         raise ConfigError(f"{option}: unknown backend {shown(spec)} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
-                          "hf+triton)")
+                          "fast+nf4, hf+triton)")
 
     @classmethod
     def from_run(cls, run) -> "Backend":
@@ -57,7 +63,7 @@ class Backend:
             raise ConfigError(f"--backend must be one of {NAMES}, got {shown(run.backend)}")
         if run.backend != "fast":
             return cls(run.backend)
-        return cls("fast", tuple(run.fast_levers), run.fast_gpu_arch)
+        return cls("fast", tuple(run.fast_levers), run.fast_gpu_arch)  # 4-bit: ModelArguments.load_in_4bit
 
     @property
     def family(self) -> str:

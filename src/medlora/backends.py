@@ -144,8 +144,15 @@ def wrap_for_training(backend: Backend, model, lora_args: LoraArguments,
     """(PEFT model, backend report) for a loaded transformers model: `hf` and `fast` (Unsloth wraps its own)."""
     from medlora.model import apply_lora
 
+    quantization = getattr(model, "_medlora_quantization", None)
     model = apply_lora(model, lora_args)
     report: dict[str, Any] = {}
+    if quantization:  # --load_in_4bit: the experts' own forward must never read their placeholders
+        from medlora.fast import route_quantized_experts
+        from medlora.quant import weights_by_dtype
+
+        route_quantized_experts(model)
+        report["quantization"] = {**quantization, "parameters_by_dtype": weights_by_dtype(model)}
     if backend.triton_mamba_ops:
         from medlora.fast import patch_hf_mamba_ops
 
@@ -154,4 +161,4 @@ def wrap_for_training(backend: Backend, model, lora_args: LoraArguments,
         return model, report
     from medlora import fast
 
-    return model, fast.enable(model, backend.levers, gradient_checkpointing, backend.gpu_arch)
+    return model, {**fast.enable(model, backend.levers, gradient_checkpointing, backend.gpu_arch), **report}

@@ -280,6 +280,32 @@ def bench_sft_config(args: BenchArguments, backend, batch: int, checkpointing, o
     return build_sft_config(raw, backend, say=lambda *_: None)
 
 
+def bench_model(args: BenchArguments, backend, lora: LoraArguments, checkpointing, device):
+    """(LoRA model, tokenizer, backend report) of one worker: built in memory on `device` (random weights, no
+    disk), or loaded through `train`'s own path. `+nf4` backends get the routed experts in NF4 (--load_in_4bit)."""
+    import torch
+
+    from medlora.backends import load_for_training, wrap_for_training
+    from medlora.config import ModelArguments
+
+    if not args.in_memory:
+        model_args = ModelArguments(model_name_or_path=model_path_for(args), load_in_4bit=backend.nf4_experts,
+                                    experts_implementation=args.experts_implementation)
+        return load_for_training(backend, model_args, lora, max_length=args.max_length,
+                                 gradient_checkpointing=checkpointing, seed=args.seed, device=device)
+    model, tokenizer = build_in_memory(args.model_spec, args.seed, device)
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
+    if backend.nf4_experts:  # built in bf16 first: the worker's peak is reset before training
+        from medlora.model import quantize_for_training
+
+        quantize_for_training(model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    model, report = wrap_for_training(backend, model, lora, checkpointing)
+    return model, tokenizer, {"model": f"built in memory (random, seed {args.seed})", **report}
+
+
 def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str, Any]:
     from medlora.backend import Backend
 
@@ -293,28 +319,15 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     from transformers import TrainerCallback
 
     from medlora import runinfo
-    from medlora.backends import load_for_training, wrap_for_training
-    from medlora.config import ModelArguments
     from medlora.data import load_medmcqa, tokenize_rows
     from medlora.formatting import FormatOptions
     from medlora.trainer import build_trainer
 
-    path = args.model_spec if args.in_memory else model_path_for(args)
-    model_args = ModelArguments(model_name_or_path=path, experts_implementation=args.experts_implementation)
     cuda = torch.cuda.is_available()
     world = runinfo.world_size()
     device = torch.device("cuda", runinfo.local_rank()) if cuda else None
     started = time.time()
-    if args.in_memory:
-        model, tokenizer = build_in_memory(args.model_spec, args.seed, device)
-        if args.experts_implementation:
-            model.set_experts_implementation(args.experts_implementation)
-        model, report = wrap_for_training(backend, model, lora, checkpointing)
-        report = {"model": f"built in memory (random, seed {args.seed})", **report}
-    else:
-        model, tokenizer, report = load_for_training(backend, model_args, lora, max_length=args.max_length,
-                                                     gradient_checkpointing=checkpointing, seed=args.seed,
-                                                     device=device)
+    model, tokenizer, report = bench_model(args, backend, lora, checkpointing, device)
     load_s = time.time() - started
     rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
@@ -327,6 +340,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     config = bench_sft_config(args, backend, batch, checkpointing, tempfile.mkdtemp(prefix="medlora-bench-"))
     step_times: list[float] = []
     profile: list[dict[str, Any]] = []
+    profile_detail: dict[str, Any] = {}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -335,7 +349,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
             self.profiler = None
             if args.profile and len(step_times) == steps - 1:  # the last step, after the timed ones are settled
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
                 self.profiler.__enter__()
             self.t0 = time.perf_counter()
 
@@ -348,6 +362,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
             self.profiler.__exit__(None, None, None)
             step_times.append(time.perf_counter() - self.t0)  # profiled: reported, not timed (see timed_steps)
             profile.extend(top_kernels(self.profiler, cuda))
+            profile_detail.update(profile_breakdown(self.profiler, cuda, step_times[-1]))
 
     trainer = build_trainer(model, tokenizer, config, dataset, callbacks=[StepTimer()])  # train's trainer class
     if cuda:
@@ -370,6 +385,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "timed_from_step": args.bench_warmup_steps,
         "timed_steps": args.bench_steps - (1 if args.profile else 0),
         "profile_last_step": profile,
+        "profile_breakdown": profile_detail,
         "mean_tokens_per_sample": statistics.fmean(lengths),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -391,6 +407,62 @@ def top_kernels(profiler, cuda: bool, limit: int = 25) -> list[dict[str, Any]]:
     rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:limit]
     return [{"name": e.key[:120], "ms": round(getattr(e, attr) / 1000, 3), "share": round(getattr(e, attr) / total, 4),
              "calls": e.count} for e in rows]
+
+
+def _origin(event) -> str:
+    """Where a profiled op came from: the medlora block it ran in (forward or checkpoint recompute), the
+    autograd node whose backward launched it, and the op that called it."""
+    block, node = None, None
+    parent = event.cpu_parent
+    caller = parent.name if parent is not None and not parent.name.startswith(("medlora.", "autograd::")) else None
+    while parent is not None:
+        name = parent.name
+        if block is None and name.startswith("medlora."):
+            block = name
+        elif node is None and name.startswith("autograd::engine::evaluate_function: "):
+            node = name.split(": ", 1)[1]
+        parent = parent.cpu_parent
+    return " / ".join(x for x in (block, f"backward of {node}" if node else None, caller) if x) or "top level"
+
+
+def profile_breakdown(profiler, cuda: bool, step_s: float, ops: int = 6, origins: int = 6) -> dict[str, Any]:
+    """Totals of the profiled step (ops dispatched, kernels launched, device-busy time against wall time: a step
+    whose device is idle much of the time is bound by the host) and, for the ops with the most calls or device
+    time, where their calls came from (`_origin`)."""
+    import collections
+
+    events = [e for e in profiler.events() if e.device_type.name == "CPU"]
+    kernels = [k for e in events for k in e.kernels] if cuda else []
+    busy_us = sum(k.duration for k in kernels)
+    by_op: dict[str, list] = collections.defaultdict(list)
+    for e in events:
+        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
+            by_op[e.name].append(e)  # top-level aten ops only: an op's own sub-ops are its cost, not extra calls
+    key = (lambda es: sum(e.device_time_total for e in es)) if cuda else len
+    chosen = sorted(by_op, key=lambda n: key(by_op[n]), reverse=True)[:ops]
+    chosen += [n for n in sorted(by_op, key=lambda n: len(by_op[n]), reverse=True)[:ops] if n not in chosen]
+    chosen += [n for n in ("aten::_grouped_mm", "aten::mm", "aten::copy_") if n in by_op and n not in chosen]
+    callers = {}
+    for name in chosen:
+        groups: dict[str, list] = collections.defaultdict(list)
+        for e in by_op[name]:
+            groups[_origin(e)].append(e)
+        ranked = sorted(groups.items(), key=lambda kv: len(kv[1]), reverse=True)[:origins]
+        callers[name] = {"calls": len(by_op[name]), "device_ms": round(sum(e.device_time_total for e in by_op[name])
+                                                                         / 1000, 3),
+                         "from": [{"origin": o, "calls": len(es),
+                                   "device_ms": round(sum(e.device_time_total for e in es) / 1000, 3),
+                                   # a library op that loops (e.g. a grouped GEMM's per-expert fallback) shows
+                                   # as many children per call; shapes tell which call it is
+                                   "children_per_call": round(sum(len(e.cpu_children) for e in es) / len(es), 1),
+                                   "child_ops": dict(collections.Counter(c.name for e in es for c in e.cpu_children)
+                                                     .most_common(3)),
+                                   "shapes": [f"{shape} x{n}" for shape, n in collections.Counter(
+                                       str(e.input_shapes) for e in es).most_common(3)]}
+                                  for o, es in ranked]}
+    return {"wall_s": round(step_s, 4), "aten_ops": sum(len(v) for v in by_op.values()),
+            "kernels_launched": len(kernels), "device_busy_s": round(busy_us / 1e6, 4),
+            "device_busy_share": round(busy_us / 1e6 / step_s, 3) if step_s and cuda else None, "callers": callers}
 
 
 # ---------------------------------------------------------------- driver
@@ -455,6 +527,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "gradient_checkpointing": first["gradient_checkpointing"],
         "backend_report": first["backend_report"],
         **({"profile_last_step": first["profile_last_step"]} if first.get("profile_last_step") else {}),
+        **({"profile_breakdown": first["profile_breakdown"]} if first.get("profile_breakdown") else {}),
     }
 
 

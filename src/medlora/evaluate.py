@@ -298,7 +298,7 @@ def load_for_eval(model_args, adapter: str | None):
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
     model, tokenizer = load_model(model_args, device=device)
     if adapter is None:
-        return model, tokenizer
+        return _route_nf4(model), tokenizer
     from peft import PeftModel
 
     try:
@@ -311,7 +311,16 @@ def load_for_eval(model_args, adapter: str | None):
             f"--adapter {adapter} does not fit {resolve_model_path(model_args)!r} "
             f"(it was trained on {base!r}): {detail}"
         ) from None
-    return model, tokenizer
+    return _route_nf4(model), tokenizer
+
+
+def _route_nf4(model):
+    """--load_in_4bit: the NF4 experts (and the adapter's LoRA on them) compute through the grouped GEMM."""
+    if any(type(m).__name__ == "NemotronHExperts" and getattr(m, "_medlora_nf4", None) for m in model.modules()):
+        from medlora.fast import route_quantized_experts
+
+        route_quantized_experts(model)
+    return model
 
 
 def eval_format(data_args, adapter: str | None, tokenizer, model):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from medlora.config import ModelArguments
-from medlora.errors import MedloraError
+from medlora.errors import ConfigError, MedloraError
 
 # bf16: the merged weight is rounded once (relative error <= 2^-9 per weight), the unmerged path is not, so logits
 # differ by rounding; on random-weight models a rounding can also flip a token's top-6 experts.
@@ -153,6 +153,10 @@ def export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
 
     out = Path(args.output_dir)
     args.validate()
+    if model_args.load_in_4bit:
+        raise ConfigError("export --load_in_4bit: the merge adds the adapter to the real base weights (in fp32, rounded "
+                          "once to the checkpoint's dtype, bf16 for Nemotron-3-Nano), never to NF4-rounded ones; the "
+                          "adapter of a --load_in_4bit run is an ordinary adapter for the bf16 base: drop the flag")
     from medlora.evaluate import read_adapter
     from medlora.outputs import claim_output_dir
 

@@ -40,6 +40,7 @@ LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention", "compile")  # 
 DEFAULT_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")  # `compile` is opt-in (README)
 CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
 from medlora.errors import MedloraError
+from medlora.quant import nf4_weights
 
 
 # ---------------------------------------------------------------- sequence layout
@@ -349,14 +350,19 @@ def expert_gemm(kind: str, counts: torch.Tensor):
     "grouped_mm": transformers' `_grouped_mm` (torch's CUTLASS grouped GEMM on sm90/sm100, its CPU kernel on
     CPUs). "loop": one GEMM per expert that has tokens; the token counts are copied to the host once here and
     shared by the layer's six GEMMs (on sm80 torch's own grouped_mm loops too, copying them on every call).
+
+    The GEMM runs in the weight's dtype: the inputs are cast to it, never the weight to the inputs'. torch's
+    CUTLASS kernel takes bf16 operands only; anything else falls back to a per-expert fp32 loop with a host
+    copy of the offsets (on an H200 that fallback was 2/3 of the device time of a nano-full step, with the
+    weights upcast to fp32 on every call). transformers' own grouped_mm path casts the same way.
     """
     if kind == "loop":
         sizes = counts.tolist()  # the layer's one device-to-host sync
         used = [e for e, n in enumerate(sizes) if n]
 
         def gemm(inputs, weight):
-            parts = inputs.split(sizes)
-            return torch.cat([parts[e] @ weight[e].to(inputs.dtype) for e in used])
+            parts = inputs.to(weight.dtype).split(sizes)
+            return torch.cat([parts[e] @ weight[e] for e in used])
 
         return gemm
     from transformers.integrations.moe import _grouped_mm
@@ -364,7 +370,7 @@ def expert_gemm(kind: str, counts: torch.Tensor):
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
 
     def gemm(inputs, weight):
-        return _grouped_mm(inputs, weight.to(inputs.dtype), offsets)
+        return _grouped_mm(inputs.to(weight.dtype), weight, offsets)
 
     return gemm
 
@@ -379,9 +385,13 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
     routed = x[token]
     gemm = expert_gemm(gemm_kind, torch.bincount(expert_ids, minlength=experts.num_experts))
 
+    nf4 = nf4_weights(experts)  # --load_in_4bit: the experts are NF4 (medlora.quant), dequantised per GEMM
+
     def project(inputs, name):
-        weight = getattr(experts, name)  # [E, out, in], frozen
-        out = gemm(inputs, weight.transpose(1, 2))
+        if name in nf4:
+            out = nf4[name].gemm(gemm, inputs)
+        else:
+            out = gemm(inputs, getattr(experts, name).transpose(1, 2))  # [E, out, in], frozen
         if name in lora:
             lhs, rhs, scale = lora[name]  # delta_e = scale * lhs_e @ rhs_e: lhs [E, out, r], rhs [E, r, in]
             low = gemm(inputs, rhs.transpose(1, 2).contiguous())
@@ -390,7 +400,34 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
 
     hidden = experts.act_fn(project(routed, "up_proj"))
     out = project(hidden, "down_proj") * top_k_weights.reshape(-1)[order, None].to(hidden.dtype)
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+    # back to token order by the inverse permutation (a copy, no atomics), then each token's k outputs summed
+    # (fp32 accumulation inside `sum`, one rounding) — as transformers' grouped_mm experts combine them
+    by_slot = torch.empty_like(out).index_copy_(0, order, out)
+    return by_slot.view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
+
+
+def route_quantized_experts(model) -> int:
+    """Make each quantised experts module — or PEFT's LoRA wrapper around it, so call this after LoRA is
+    attached — compute through `fast.grouped_lora_experts` when called as a module (the reference forward,
+    generation, evaluation), so no path ever reads the placeholder as a weight. Returns the modules routed."""
+    routed = 0
+    for mixer in model.modules():
+        if type(mixer).__name__ != "NemotronHMoE":
+            continue
+        outer = mixer.experts
+        base, _ = _experts_and_lora(outer)
+        if not nf4_weights(base):
+            continue
+        placeholder = getattr(base, "up_proj")
+        grouped = placeholder.is_cuda and placeholder.dtype == torch.bfloat16 \
+            and torch.cuda.get_device_capability(placeholder.device) >= (9, 0)
+
+        def forward(hidden_states, top_k_index, top_k_weights, _outer=outer, _kind="grouped_mm" if grouped else "loop"):
+            return grouped_lora_experts(_outer, hidden_states, top_k_index, top_k_weights, _kind)
+
+        outer.forward = forward
+        routed += 1
+    return routed
 
 
 def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
@@ -400,7 +437,8 @@ def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
                                                gate.routed_scaling_factor)
     latent = mixer.fc1_latent_proj(x)
     if kernels.grouped_lora_moe:
-        routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights, kernels.grouped_gemm)
+        with torch.profiler.record_function("medlora.moe.routed_experts"):
+            routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights, kernels.grouped_gemm)
     else:
         routed = mixer.experts(latent, top_k_index, top_k_weights)
     return mixer.fc2_latent_proj(routed) + mixer.shared_experts(x)
@@ -410,16 +448,24 @@ BLOCK_KIND = {"linear_attention": "mamba", "full_attention": "attention", "moe":
 
 
 def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
-    normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
-    if block.block_type == "linear_attention":
-        out = mamba_forward(block.mixer, normed, stream, kernels)
-    elif block.block_type == "full_attention":
-        out = attention_forward(block.mixer, normed, stream, kernels)
-    elif block.block_type == "moe":
-        out = moe_forward(block.mixer, normed, kernels)
-    else:
-        out = block.mixer(normed)
-    return x + out
+    kind = BLOCK_KIND.get(block.block_type, block.block_type)
+    # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is a round trip (autocast casts it
+    # straight back to bf16 for the GEMM): two copies of the activations per LoRA layer, values unchanged. Set
+    # here, so the checkpoint recompute (same autocast state) makes the same choice as the forward.
+    cast = not torch.is_autocast_enabled(x.device.type)
+    for layer in getattr(block, "_medlora_lora_layers", ()):
+        layer.cast_input_dtype_enabled = cast
+    with torch.profiler.record_function(f"medlora.{kind}"):  # names the block in a bench profile (`_origin`)
+        normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
+        if kind == "mamba":
+            out = mamba_forward(block.mixer, normed, stream, kernels)
+        elif kind == "attention":
+            out = attention_forward(block.mixer, normed, stream, kernels)
+        elif kind == "moe":
+            out = moe_forward(block.mixer, normed, kernels)
+        else:
+            out = block.mixer(normed)
+        return x + out
 
 
 # ---------------------------------------------------------------- the backbone forward
@@ -480,6 +526,9 @@ def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointi
         backbone._medlora_reference_forward = backbone.forward
     backbone._medlora_kernels = kernels
     backbone._medlora_checkpoint_blocks = blocks
+    for block in backbone.layers:  # PEFT LoRA layers called as modules inside the block (see block_forward)
+        block._medlora_lora_layers = [m for m in block.modules() if hasattr(m, "cast_input_dtype_enabled")
+                                      and hasattr(m, "lora_A")]
     backbone.forward = types.MethodType(_fast_backbone_forward, backbone)
     for note in notes:
         print(note, flush=True)

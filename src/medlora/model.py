@@ -359,8 +359,6 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     dtype = resolve_dtype(args.torch_dtype)
     spec = random_spec(path)
     if spec:  # the rehearsal's stand-in for the real checkpoint: same widths, random weights, no disk
-        if args.load_in_4bit:
-            raise ConfigError("--load_in_4bit: random specs are built in bf16 in memory; drop the flag")
         devices = [torch.device(device).index or 0] if device is not None and torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the caller's seeded RNG (LoRA init) stays untouched
             model, _ = build_in_memory(spec, 0, device)
@@ -370,6 +368,8 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
         if args.experts_implementation:
             model.set_experts_implementation(args.experts_implementation)
         model.config.use_cache = False
+        if args.load_in_4bit:
+            quantize_for_training(model)
         return model, tokenizer
     kwargs: dict[str, Any] = dict(
         dtype=dtype, attn_implementation=args.attn_implementation, revision=args.revision,
@@ -377,27 +377,36 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     )
     if args.experts_implementation:
         kwargs["experts_implementation"] = args.experts_implementation
-    if args.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise ConfigError("--load_in_4bit needs a CUDA GPU (bitsandbytes NF4); drop it on CPU")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    if device is not None and torch.device(device).type == "cuda":
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda and not args.load_in_4bit:
         kwargs["device_map"] = {"": torch.device(device).index or 0}  # each rank loads straight to its GPU
+    # --load_in_4bit: loaded to CPU RAM (memory-mapped safetensors), the experts quantised onto the GPU one tensor
+    # at a time, then the rest moved: the bf16 experts (58.8 GB for Nano) never sit in GPU memory together
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise _unreachable(path, err) from None
     if args.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # no peft.prepare_model_for_kbit_training: it casts every parameter that is not 4-bit to fp32 (here the
+        # 29.4 B expert values before quantisation, 117 GB); fast checkpoints by itself and LoRA gets gradients
+        quantize_for_training(model, device if cuda else None)
+        if cuda:
+            model.to(device)
     model.config.use_cache = False  # training; generation turns it back on per call
     return model, tokenizer
+
+
+def quantize_for_training(model, device=None) -> None:
+    """--load_in_4bit: the routed experts to NF4 (medlora.quant), on `device` when given; what is stored in which
+    dtype is printed and kept on the model for the run's report."""
+    from medlora.quant import quantize_experts, weights_by_dtype
+
+    done = quantize_experts(model, device)
+    model._medlora_quantization = {**done, "parameters_by_dtype": weights_by_dtype(model)}
+    counts = ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in model._medlora_quantization["parameters_by_dtype"].items())
+    print(f"--load_in_4bit: {done['nf4_expert_layers']} MoE layers' routed experts in NF4 "
+          f"({done['nf4_params'] / 1e9:.2f} B parameters, {done['nf4_gib']} GiB); parameters by dtype: {counts}",
+          flush=True)
 
 
 def lora_config(args: LoraArguments):

@@ -113,6 +113,7 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         f"{', '.join(lora['lora_target_parameters']) or 'none'}",
         f"- Trainable parameters: {metrics['lora']['trainable_params']:,} of {metrics['lora']['total_params']:,}",
         f"- Training backend: {metrics.get('backend', run.get('backend'))}; world size {metrics.get('world_size')}",
+        *quantization_lines((metrics.get("backend_report") or {}).get("quantization")),
         "",
         "## Data",
         "",
@@ -180,6 +181,16 @@ def render_model_card(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def quantization_lines(quantization: dict | None) -> list[str]:
+    """What a --load_in_4bit run trained on: parameters by storage dtype (the adapter itself is for the bf16 base)."""
+    if not quantization:
+        return []
+    counts = ", ".join(f"{k} {v:,}" for k, v in quantization["parameters_by_dtype"].items())
+    return [f"- Base weights during training (`--load_in_4bit`): routed experts of {quantization['nf4_expert_layers']} "
+            f"MoE layers in NF4 ({quantization['nf4_gib']} GiB); parameters by dtype: {counts}. The adapter is an "
+            "ordinary PEFT adapter for the bf16 base, trained against NF4-rounded experts"]
 
 
 def write_model_card(run_dir: str | Path, output: str | Path | None = None) -> Path:
