@@ -349,3 +349,5 @@ def test_lora_inputs_skip_the_fp32_round_trip_under_autocast_with_identical_resu
     assert torch.equal(loss, loss_cast)
     assert grads.keys() == grads_cast.keys() and all(torch.equal(grads[n], grads_cast[n]) for n in grads)
     assert copies < copies_cast
+    # put back after each block: a forward outside fast (no autocast) still casts as PEFT does
+    assert all(layer.cast_input_dtype_enabled for b in blocks for layer in b._medlora_lora_layers)

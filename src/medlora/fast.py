@@ -450,22 +450,27 @@ BLOCK_KIND = {"linear_attention": "mamba", "full_attention": "attention", "moe":
 def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
     kind = BLOCK_KIND.get(block.block_type, block.block_type)
     # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is a round trip (autocast casts it
-    # straight back to bf16 for the GEMM): two copies of the activations per LoRA layer, values unchanged. Set
-    # here, so the checkpoint recompute (same autocast state) makes the same choice as the forward.
-    cast = not torch.is_autocast_enabled(x.device.type)
-    for layer in getattr(block, "_medlora_lora_layers", ()):
-        layer.cast_input_dtype_enabled = cast
-    with torch.profiler.record_function(f"medlora.{kind}"):  # names the block in a bench profile (`_origin`)
-        normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
-        if kind == "mamba":
-            out = mamba_forward(block.mixer, normed, stream, kernels)
-        elif kind == "attention":
-            out = attention_forward(block.mixer, normed, stream, kernels)
-        elif kind == "moe":
-            out = moe_forward(block.mixer, normed, kernels)
-        else:
-            out = block.mixer(normed)
-        return x + out
+    # straight back to bf16 for the GEMM): two copies of the activations per LoRA layer, values unchanged. Set for
+    # this block only (the checkpoint recompute runs this function again, under the same autocast state) and put
+    # back after it, so a later forward outside fast (generation, no autocast) casts as PEFT does.
+    lora_layers = getattr(block, "_medlora_lora_layers", ())
+    for layer in lora_layers:
+        layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
+    try:
+        with torch.profiler.record_function(f"medlora.{kind}"):  # names the block in a bench profile (`_origin`)
+            normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
+            if kind == "mamba":
+                out = mamba_forward(block.mixer, normed, stream, kernels)
+            elif kind == "attention":
+                out = attention_forward(block.mixer, normed, stream, kernels)
+            elif kind == "moe":
+                out = moe_forward(block.mixer, normed, kernels)
+            else:
+                out = block.mixer(normed)
+            return x + out
+    finally:
+        for layer in lora_layers:
+            layer.cast_input_dtype_enabled = True
 
 
 # ---------------------------------------------------------------- the backbone forward
