@@ -40,7 +40,8 @@ class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
     backends: list[str] = field(default_factory=lambda: ["hf"], metadata={
         "help": "hf, unsloth, fast (train's default levers), fast[lever+lever] (only those levers on), a suffix "
-                "@sm80 (fast with the A100 kernels), hf+triton (hf with Triton Mamba ops)"})
+                "@sm80 (fast with the A100 kernels), +nf4 (fast with the routed experts in NF4, as --load_in_4bit), "
+                "hf+triton (hf with Triton Mamba ops)"})
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
