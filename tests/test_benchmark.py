@@ -32,6 +32,9 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     step = by["fast"]["step_s"]
     assert step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
     assert step["slowest"]["s"] == step["max"] and step["slowest"]["tokens"] > 0
+    # every timed step is kept, with its tokens, so an outlier can be traced afterwards
+    assert len(by["fast"]["steps"]) == step["n"] and max(x["s"] for x in by["fast"]["steps"]) == step["max"]
+    assert all(x["padded_tokens"] >= x["tokens"] > 0 for x in by["fast"]["steps"])
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
 

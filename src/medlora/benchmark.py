@@ -469,18 +469,22 @@ def profile_breakdown(profiler, cuda: bool, step_s: float, ops: int = 6, origins
 # ---------------------------------------------------------------- driver
 
 
-def slowest_step(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The slowest timed step over all rounds: which round and step, its seconds and tokens (an outlier is found
-    by looking at what that step held)."""
-    worst = None
+def timed_steps(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every timed step of every round: round, step, seconds, real and padded tokens (kept in the JSON, so an
+    outlier can be traced afterwards: a new padded length, the first step of a round, ...)."""
+    steps = []
     for round_index, run in enumerate(runs):
         start = run["timed_from_step"]
         timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
         for offset, (seconds, tokens) in enumerate(zip(timed, run["tokens_per_step"])):
-            if worst is None or seconds > worst["s"]:
-                worst = {"s": round(seconds, 4), "round": round_index + 1, "step": start + offset + 1,
-                         "tokens": tokens[0], "padded_tokens": tokens[2]}
-    return worst or {}
+            steps.append({"s": round(seconds, 4), "round": round_index + 1, "step": start + offset + 1,
+                          "tokens": tokens[0], "padded_tokens": tokens[2]})
+    return steps
+
+
+def slowest_step(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The slowest timed step over all rounds: which round and step, its seconds and tokens."""
+    return max(timed_steps(runs), key=lambda step: step["s"], default={})
 
 
 def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -> dict[str, Any]:
@@ -513,6 +517,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "step_s": {"mean": round(statistics.fmean(times), 4), "median": round(statistics.median(times), 4),
                    "min": round(min(times), 4), "max": round(max(times), 4), "n": len(times),
                    "slowest": slowest_step(runs)},
+        "steps": timed_steps(runs),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
         # per GPU, two conventions (FLOPS_FORMULAS): what a LoRA step computes, and the 6N of full fine-tuning
         "mfu": round(tokens_per_s / world * first["flops_per_token"] / (peak * 1e12), 4) if peak else None,
