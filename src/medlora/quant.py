@@ -8,7 +8,8 @@ values (a block never spans two experts: out x in is a multiple of 64), ~0.56 by
 How it is wired:
 * `quantize_experts(model)` replaces each expert parameter by a zero-stride placeholder of the same shape,
   dtype and device (2 bytes of storage, so PEFT can still attach its `target_parameters` LoRA to it) and keeps
-  the NF4 data as buffers of the experts module. The placeholder must never be read as a weight: only
+  the NF4 data as buffers of the experts module (`.to(device)` moves them; cast the model's dtype before
+  quantising, never after: the absmax buffers are fp32). The placeholder must never be read as a weight: only
   `medlora.fast.grouped_lora_experts` reads the experts, through `Nf4Weight`.
 * `Nf4Weight.gemm` dequantises one projection of one layer into the grouped GEMM, in the forward and again in
   the backward (the bf16 copy is never saved for backward), so the transient bf16 copy is one layer's
@@ -82,8 +83,14 @@ class _Nf4ExpertGemm(torch.autograd.Function):
 
 
 def nf4_weights(experts) -> dict[str, Nf4Weight]:
-    """{parameter name: Nf4Weight} of a (quantised) NemotronHExperts module; {} when it is not quantised."""
-    return getattr(experts, "_medlora_nf4", {})
+    """{parameter name: Nf4Weight} of a (quantised) NemotronHExperts module; {} when it is not quantised. Read from
+    the module's buffers on every call, so a model moved with `.to()` dequantises where its buffers now are."""
+    meta = getattr(experts, "_medlora_nf4", None)
+    if not meta:
+        return {}
+    return {name: Nf4Weight(getattr(experts, f"_nf4_{name}_packed"), getattr(experts, f"_nf4_{name}_absmax"),
+                            getattr(experts, f"_nf4_{name}_code"), shape, dtype)
+            for name, (shape, dtype) in meta.items()}
 
 
 def quantize_experts(model, device=None) -> dict[str, Any]:
@@ -98,10 +105,12 @@ def quantize_experts(model, device=None) -> dict[str, Any]:
         stored = {}
         for name in EXPERT_PARAMS:
             weight = getattr(module, name)
-            stored[name] = nf4 = Nf4Weight.quantize(weight.data if device is None else weight.data.to(device))
+            nf4 = Nf4Weight.quantize(weight.data if device is None else weight.data.to(device))
             # buffers, so `.to()` and `.cuda()` move them; not persistent: never written into a checkpoint
             module.register_buffer(f"_nf4_{name}_packed", nf4.packed, persistent=False)
             module.register_buffer(f"_nf4_{name}_absmax", nf4.absmax, persistent=False)
+            module.register_buffer(f"_nf4_{name}_code", nf4.code, persistent=False)
+            stored[name] = (nf4.shape, nf4.dtype)
             placeholder = torch.empty((), dtype=weight.dtype, device=nf4.packed.device).expand(weight.shape)
             setattr(module, name, torch.nn.Parameter(placeholder, requires_grad=False))
             params, nbytes = params + weight.numel(), nbytes + nf4.nbytes
@@ -121,7 +130,7 @@ def weights_by_dtype(model) -> dict[str, int]:
     for module in model.modules():
         for name, nf4 in nf4_weights(module).items():
             counts["nf4 (routed experts)"] = counts.get("nf4 (routed experts)", 0) + int(torch.Size(nf4.shape).numel())
-    quantised_placeholders = {id(getattr(m, n)) for m in model.modules() for n in nf4_weights(m)}
+    quantised_placeholders = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "_medlora_nf4", {})}
     for name, param in model.named_parameters():
         if id(param) in quantised_placeholders:
             continue
