@@ -184,7 +184,7 @@ def test_fast_falls_back_with_a_message_on_cpu(capsys):
         fast.load_kernels(("warp_drive",), "cpu")
 
 
-def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp_path):
+def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp_path, capsys):
     """fast trains packed rows, here with --load_in_4bit (the routed experts in NF4, medlora.quant): the gradient
     audit passes on the 4-bit model, and metrics.json and the model card say what was stored in which dtype."""
     import json
@@ -206,14 +206,14 @@ def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp
     assert "in NF4" in (tmp_path / "fast" / "MODEL_CARD.md").read_text()
     # eval of that adapter on the 4-bit base: the NF4 experts, with the adapter's LoRA, compute through the grouped
     # GEMM (test_quant checks that the module call reads the NF4 data, never the placeholders)
-    from conftest import SAMPLE
+    from conftest import SAMPLE, run_main
 
-    scored = run_cli(["eval", "--model_name_or_path", "tiny", "--tiny_cache_dir", str(tmp_path / "tiny"),
-                      "--adapter", str(tmp_path / "fast" / "adapter"), "--load_in_4bit", "true", "--data", str(SAMPLE),
-                      "--limit", "4", "--output_dir", str(tmp_path / "ev")])
-    assert scored.returncode == 0, scored.stderr[-3000:]
+    code, out, err = run_main(["eval", "--model_name_or_path", "tiny", "--tiny_cache_dir", tmp_path / "tiny",
+                               "--adapter", tmp_path / "fast" / "adapter", "--load_in_4bit", "true", "--data", SAMPLE,
+                               "--limit", "4", "--output_dir", tmp_path / "ev"], capsys)  # in-process: no startup
+    assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and "routed experts in NF4" in scored.stdout
+    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and "routed experts in NF4" in out
 
 
 def test_check_packed_notices_a_lost_or_altered_example():
