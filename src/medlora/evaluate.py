@@ -315,11 +315,11 @@ def load_for_eval(model_args, adapter: str | None):
 
 
 def _route_nf4(model):
-    """--load_in_4bit: the NF4 experts (and the adapter's LoRA on them) compute through the grouped GEMM."""
-    if any(type(m).__name__ == "NemotronHExperts" and getattr(m, "_medlora_nf4", None) for m in model.modules()):
-        from medlora.fast import route_quantized_experts
+    """--load_in_4bit: the NF4 experts (and the adapter's LoRA on them) compute through the grouped GEMM; a model
+    without NF4 experts is left as it is (`route_quantized_experts` routes only quantised ones)."""
+    from medlora.fast import route_quantized_experts
 
-        route_quantized_experts(model)
+    route_quantized_experts(model)
     return model
 
 

@@ -127,10 +127,11 @@ def weights_by_dtype(model) -> dict[str, int]:
     """Parameters by how they are stored: the NF4 experts (counted at their real size, not their placeholders')
     and every other dtype; LoRA parameters apart."""
     counts: dict[str, int] = {}
+    quantised_placeholders = set()
     for module in model.modules():
-        for name, nf4 in nf4_weights(module).items():
-            counts["nf4 (routed experts)"] = counts.get("nf4 (routed experts)", 0) + int(torch.Size(nf4.shape).numel())
-    quantised_placeholders = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "_medlora_nf4", {})}
+        for name, (shape, _) in getattr(module, "_medlora_nf4", {}).items():
+            counts["nf4 (routed experts)"] = counts.get("nf4 (routed experts)", 0) + int(torch.Size(shape).numel())
+            quantised_placeholders.add(id(getattr(module, name)))
     for name, param in model.named_parameters():
         if id(param) in quantised_placeholders:
             continue
