@@ -25,6 +25,10 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     quantization = by["fast+nf4"]["backend_report"]["quantization"]
     assert quantization["nf4_expert_layers"] > 0 and quantization["parameters_by_dtype"]["nf4 (routed experts)"] > 0
     assert "quantization" not in by["fast"]["backend_report"]
+    # where the memory goes, counted from the tensors: NF4 experts take 0.14x their fp32 bytes; LoRA is the same
+    nf4_mem, bf_mem = by["fast+nf4"]["memory_breakdown"], by["fast"]["memory_breakdown"]
+    assert nf4_mem["lora_gib"] == bf_mem["lora_gib"] == bf_mem["lora_grads_gib"] > 0 and bf_mem["optimizer_gib"] > 0
+    assert bf_mem["weights_gib"] > nf4_mem["weights_gib"] > 0.3 * bf_mem["weights_gib"]  # tiny: experts are a minority
     assert out["config"]["bench"]["include_explanation"] is True  # the longer samples of the real recipe
     assert by["hf"]["mean_tokens_per_sample"] > 1.5 * _mean_tokens_without_explanation(tmp_path / "models", 8)
     assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
@@ -196,6 +200,9 @@ def test_backends_are_parsed_once_into_one_object():
     from medlora.errors import ConfigError
 
     assert Backend.parse("fast") == Backend("fast", fast.DEFAULT_LEVERS)  # what `train --backend fast` runs
+    no_norms = Backend.parse("fast[-triton_norms]")  # a lever table's "each off alone" row
+    assert no_norms.levers == tuple(lv for lv in fast.DEFAULT_LEVERS if lv != "triton_norms") and no_norms.levers
+    assert Backend.parse("fast[-triton_norms-varlen_attention]").levers == ("triton_mamba", "grouped_lora_moe")
     assert Backend.parse("fast[none]").levers == () and Backend.parse("fast[compile]@sm80").gpu_arch == "sm80"
     hf_triton = Backend.parse("hf+triton")
     assert hf_triton.is_plain_hf and hf_triton.triton_mamba_ops and hf_triton.needs_cuda
@@ -207,7 +214,7 @@ def test_backends_are_parsed_once_into_one_object():
     # +nf4: the 4-bit experts of --load_in_4bit, for a bench row beside bf16 fast
     assert Backend.parse("fast+nf4") == Backend("fast", fast.DEFAULT_LEVERS, nf4_experts=True)
     assert Backend.parse("fast[triton_mamba]+nf4@sm80") == Backend("fast", ("triton_mamba",), "sm80", nf4_experts=True)
-    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
+    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "fast[-warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
         with pytest.raises(ConfigError):
             Backend.parse(bad)
 

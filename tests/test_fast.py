@@ -185,8 +185,9 @@ def test_fast_falls_back_with_a_message_on_cpu(capsys):
 
 
 def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp_path, capsys):
-    """fast trains packed rows, here with --load_in_4bit (the routed experts in NF4, medlora.quant): the gradient
-    audit passes on the 4-bit model, and metrics.json and the model card say what was stored in which dtype."""
+    """fast trains packed rows, here with --load_in_4bit (routed experts and linear layers in NF4, medlora.quant):
+    the gradient audit passes on the 4-bit model, and metrics.json and the model card say what was stored in which
+    dtype; eval and ask run on the 4-bit base."""
     import json
 
     from conftest import run_cli
@@ -202,8 +203,11 @@ def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp
     assert metrics["audits"]["gradients"]["lora_tensors"] > 0
     quantization = metrics["backend_report"]["quantization"]
     assert quantization["nf4_expert_layers"] > 0 and quantization["parameters_by_dtype"]["nf4 (routed experts)"] > 0
-    assert "routed experts in NF4" in ok.stdout
-    assert "in NF4" in (tmp_path / "fast" / "MODEL_CARD.md").read_text()
+    assert quantization["nf4_linear_layers"] > 0 and quantization["parameters_by_dtype"]["nf4 (nn.Linear)"] > 0
+    assert quantization["parameters_by_dtype"]["float32"] > 0  # the LM head, embeddings and norms stay as they are
+    assert "NF4 routed experts" in ok.stdout and "nn.Linear layers" in ok.stdout
+    card = (tmp_path / "fast" / "MODEL_CARD.md").read_text()
+    assert "in NF4" in card and "nn.Linear layers" in card
     # eval of that adapter on the 4-bit base: the NF4 experts, with the adapter's LoRA, compute through the grouped
     # GEMM (test_quant checks that the module call reads the NF4 data, never the placeholders)
     from conftest import SAMPLE, run_main
@@ -213,7 +217,12 @@ def test_train_cli_fast_with_packing_and_4bit_experts_and_hf_refuses_packing(tmp
                                "--limit", "4", "--output_dir", tmp_path / "ev"], capsys)  # in-process: no startup
     assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and "routed experts in NF4" in out
+    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and "NF4 routed experts" in out
+    code, out, err = run_main(["ask", "Which nerve?", "--options", "Radial", "Axillary", "Ulnar", "Median",
+                               "--model_name_or_path", "tiny", "--tiny_cache_dir", tmp_path / "tiny", "--adapter",
+                               tmp_path / "fast" / "adapter", "--load_in_4bit", "true", "--max_new_tokens", "2"], capsys)
+    assert code == 0, err[-3000:]
+    assert "NF4 routed experts" in out and json.loads(out[out.rindex("\n{"):])["letter"] in ("A", "B", "C", "D")
 
 
 def test_check_packed_notices_a_lost_or_altered_example():

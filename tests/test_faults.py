@@ -273,8 +273,9 @@ def test_remote_code_in_a_model_dir_is_never_run(tmp_path, tiny_dir):
                                                      "AutoModelForCausalLM": "evil.Model"})
     (crafted / "config.json").write_text(json.dumps(config))
     (crafted / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    with pytest.raises(MedloraError, match="cannot load"):
-        load_model(ModelArguments(model_name_or_path=str(crafted)))
+    for four_bit in (False, True):  # --load_in_4bit reads the config itself (medlora.model.load_4bit)
+        with pytest.raises(MedloraError, match="cannot load"):
+            load_model(ModelArguments(model_name_or_path=str(crafted), load_in_4bit=four_bit))
     assert not marker.exists()
 
 

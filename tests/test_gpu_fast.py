@@ -5,6 +5,8 @@ Stated tolerances (relative error = |a - b| / |b| over the whole tensor):
 * kernels, fp32: conv outputs 1e-4 and gradients 1e-3; the SSD 5e-3 (mamba_ssm's Triton `tl.dot` runs fp32
   inputs in TF32, whatever torch's TF32 flags say: measured 1.5e-3 on an H100); bf16: outputs 2e-2,
   gradients 5e-2.
+* Triton norms against the eager ones: fp32 1e-5 outputs / 1e-4 gradients, bf16 1e-2 / 2e-2 (measured 2026-12-01,
+  H200: fp32 <= 1.4e-7, bf16 <= 3.0e-3: one rounding instead of two).
 * nano-quarter in fp32 (TF32 off): logits 1e-3, loss 1e-4, every LoRA gradient 1e-2.
 * nano-quarter in bf16: bf16 `fast` against the fp32 reference may be at most 1.5x as far off as bf16 `hf`
   (logits, loss; + 1e-3 / 1e-4 floors), with a gradient cosine no more than 0.02 below bf16 `hf`'s. A fixed
@@ -80,6 +82,40 @@ def test_triton_conv_and_ssd_match_the_references_across_sequence_boundaries(dty
     report(f"kernels-{dtype}", conv=conv, ssd=ssd)
     assert conv["out"] < out_tol and max(conv["dx"], conv["dw"]) < grad_tol, conv
     assert max(ssd.values()) < ssd_tol, ssd
+
+
+@pytest.mark.parametrize("dtype, out_tol, grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 2e-2)])
+def test_triton_norms_match_the_references(dtype, out_tol, grad_tol):
+    """Lever triton_norms: mamba_ssm's Triton RMSNorm and gated group RMSNorm against the eager functions (equal to
+    transformers' modules, tests/test_fast.py), at Nano's widths (2688: not a power of two; 4096 in 8 groups) and a
+    small one, on token counts that are not multiples of a block; the gate is a strided slice, as in the mixer."""
+    from medlora import fast
+
+    kernels, notes = fast.load_kernels(("triton_norms",), "cuda")
+    assert kernels.plan["norms"].kernel.startswith("mamba_ssm Triton"), notes
+    torch.manual_seed(0)
+    found = {}
+    for T, width, groups in [(1000, 2688, 1), (17, 96, 1), (777, 4096, 8), (33, 96, 4)]:
+        x = (torch.randn(T, width, device="cuda") * 3).to(dtype).requires_grad_()
+        w = (1 + 0.1 * torch.randn(width, device="cuda")).to(dtype)
+        go = torch.randn(T, width, device="cuda", dtype=dtype)
+        if groups == 1:
+            got, want = kernels.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5)
+            inputs = (x,)
+        else:
+            projected = torch.randn(T, 2 * width, device="cuda", dtype=dtype, requires_grad=True)
+            gate = projected[:, width:]  # row stride 2 * width, as the split of in_proj's output
+            got = kernels.gated_rms_norm(x, gate, w, 1e-5, width // groups)
+            want = fast.gated_rms_norm(x, gate, w, 1e-5, width // groups)
+            inputs = (x, projected)
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        g_got = torch.autograd.grad(got, inputs, go)
+        g_want = torch.autograd.grad(want, inputs, go)
+        found[f"T{T}-w{width}-g{groups}"] = dict(out=rel(got, want), **{f"d{i}": rel(a, b) for i, a, b in
+                                                                        zip(("x", "gate"), g_got, g_want)})
+    report(f"norms-{dtype}", **found)
+    assert max(v["out"] for v in found.values()) < out_tol, found
+    assert max(e for v in found.values() for k, e in v.items() if k != "out") < grad_tol, found
 
 
 def _nano(dtype):
@@ -180,8 +216,10 @@ def test_fast_packed_batch_equals_samples_alone_on_nano_quarter():
 def test_nf4_experts_on_nano_quarter_stay_near_bf16_and_every_lora_tensor_trains():
     """The routed experts in NF4 (medlora.quant) on nano-quarter in bf16, through fast: logits and loss against the
     same bf16 model unquantised, and every LoRA tensor (the experts' included) gets a finite, non-zero gradient.
-    The bounds are gross (NF4 rounds each weight by ~9 %, and on random weights a rounding flips top-6 experts)
-    until a measured run sets them; the numbers go to the report."""
+    Measured 2026-12-01 on an H200 (torch 2.11, bitsandbytes 0.50.2): logits 0.39 relative, loss 0.0022,
+    gradient cosine 0.886 over 68 LoRA tensors (bf16 hf against fp32 on the same model: logits 0.24, cosine 0.96):
+    NF4 rounds each weight by ~9 % and on random weights that flips some top-6 expert choices. Bounds: 1.5x the
+    measured error (logits 0.6, loss 0.005), cosine 0.8."""
     from medlora import fast, quant
 
     model, tok = _nano("bfloat16")
@@ -202,4 +240,4 @@ def test_nf4_experts_on_nano_quarter_stay_near_bf16_and_every_lora_tensor_trains
     assert freed_gib > 0.6 * done["nf4_params"] * 2 / 2**30  # the bf16 experts are gone (NF4 is ~28 % of them)
     assert all(torch.isfinite(g).all() and g.norm() > 0 for n, g in got[2].items() if "lora_" in n)
     assert any("experts" in n for n in got[2] if "lora_" in n)
-    assert numbers["logits"] < 1.0 and numbers["loss"] < 0.1 and numbers["grad_cosine"] > 0.5, numbers
+    assert numbers["logits"] < 0.6 and numbers["loss"] < 0.005 and numbers["grad_cosine"] > 0.8, numbers

@@ -14,7 +14,7 @@ from conftest import ROOT
 from medlora import kernels
 
 SHARED_SDIST = ROOT.parent / "shared" / "gpu" / "sdist" / kernels.MAMBA_SSM_FILE
-LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")
+LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention")
 
 
 # ---------------------------------------------------------------- which kernel runs where
@@ -29,7 +29,7 @@ def test_gpu_plan_picks_a_grouped_gemm_per_architecture(capability, arch, gemm):
     assert plan["moe_grouped_gemm"].kernel.startswith(gemm)
     # everything else is the same on every architecture from sm80 on
     assert plan["mamba_ssd"].kernel.startswith("mamba_ssm Triton") and plan["mamba_conv"].kernel.startswith("fla-core")
-    assert plan["attention"].kernel.startswith("torch varlen_attn")
+    assert plan["attention"].kernel.startswith("torch varlen_attn") and plan["norms"].kernel.startswith("mamba_ssm Triton")
     assert ("forced by --fast_gpu_arch sm80" in plan["moe_grouped_gemm"].reason) == (arch == "sm80")
     assert plan["moe_grouped_gemm"].fallback == (gemm == "per-expert loop")
 
@@ -38,15 +38,21 @@ def test_plan_explains_every_fallback():
     cpu = kernels.plan_fast(LEVERS + ("compile",), False, None, "float32")
     assert {c.kernel for p, c in cpu.items() if p.startswith("mamba")} == {"PyTorch reference"}
     assert cpu["attention"].kernel.startswith("SDPA") and all(c.fallback for p, c in cpu.items()
-                                                              if p in ("mamba_ssd", "attention", "norms_and_router"))
+                                                              if p in ("mamba_ssd", "attention", "norms", "router"))
     fp32 = kernels.plan_fast(LEVERS, True, (9, 0), "float32")
     assert fp32["attention"].kernel.startswith("SDPA") and "float32" in fp32["attention"].reason
     assert fp32["moe_grouped_gemm"].kernel == "per-expert loop" and "bf16-only" in fp32["moe_grouped_gemm"].reason
     off = kernels.plan_fast((), True, (9, 0))
     assert off["mamba_ssd"].reason == "lever triton_mamba off" and not off["mamba_ssd"].fallback
     assert off["moe_lora"].kernel.startswith("PEFT") and off["attention"].reason == "lever varlen_attention off"
+    assert off["norms"].kernel == "eager" and off["router"].kernel == "eager" and not off["norms"].fallback
+    compiled = kernels.plan_fast(("compile",), True, (9, 0))  # compile takes the norms only when Triton's are off
+    assert compiled["norms"].kernel.startswith("torch.compile") and compiled["router"].kernel.startswith("torch.compile")
+    both = kernels.plan_fast(LEVERS + ("compile",), True, (9, 0))
+    assert both["norms"].kernel.startswith("mamba_ssm Triton") and both["router"].kernel.startswith("torch.compile")
     missing = kernels.plan_fast(LEVERS, True, (8, 0), unavailable={"mamba_ssd": "not cached"})
     assert missing["mamba_ssd"].kernel == "unavailable" and missing["mamba_ssd"].reason == "not cached"
+    assert missing["norms"].kernel == "unavailable" and missing["norms"].fallback  # same cached files
     with pytest.raises(Exception, match="compute capability 8.0"):
         kernels.plan_fast(LEVERS, True, (7, 5))
     with pytest.raises(Exception, match="fast_gpu_arch"):
@@ -121,12 +127,13 @@ def test_automatic_setup_from_an_empty_cache(index_server, tmp_path, monkeypatch
     assert kernels.cached_mamba_ssm()[0] is None
     from medlora import fast
 
-    fast._load_mamba_ssd.cache_clear()
+    fast._load_mamba_ssm.cache_clear()
     try:
-        ssd = fast._load_mamba_ssd()  # the code path --backend fast takes on a GPU: downloads, checks, caches
+        loaded = fast._load_mamba_ssm()  # the code path --backend fast takes on a GPU: downloads, checks, caches
     finally:
-        fast._load_mamba_ssd.cache_clear()
-    assert callable(ssd) and ssd.__name__ == "mamba_chunk_scan_combined"
+        fast._load_mamba_ssm.cache_clear()
+    assert callable(loaded["ssd"]) and loaded["ssd"].__name__ == "mamba_chunk_scan_combined"
+    assert loaded["rms_norm"].__name__ == "rms_norm_fn" and loaded["gated_rms_norm"].__name__ == "rmsnorm_fn"
     folder, why = kernels.cached_mamba_ssm()
     assert folder == tmp_path / "cache" / "medlora" / "kernels" / f"mamba_ssm-{kernels.MAMBA_SSM_VERSION}", why
     assert not (folder / "mamba_ssm" / "__init__.py").exists() and not list(folder.rglob("*.cu"))

@@ -148,3 +148,166 @@ def test_quantised_experts_called_as_a_module_use_the_nf4_weights_with_lora(pair
     ids = torch.randint(5, 500, (2, 12))
     logits = model(input_ids=ids).logits  # the whole reference forward runs on the NF4 experts
     assert torch.isfinite(logits).all()
+
+
+def test_random_4bit_build_never_holds_two_blocks_of_bf16_experts(monkeypatch):
+    """`build_in_memory(..., nf4_experts=True)` (bench `fast+nf4`, `random:` specs with --load_in_4bit): blocks
+    are made one at a time and each block's experts quantised before the next exists, so at most one block's
+    full-precision experts are ever alive; the result has the bf16 build's structure, deterministic values and
+    weight distributions, and quantising it again changes nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from medlora.model import build_in_memory
+
+    alive, built = [], []
+    real, original = quant._quantize_module, AutoModelForCausalLM.from_config
+
+    def from_config(*args, **kwargs):  # remember the model being built, for the watcher
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    def watching(module, device=None):  # how many experts modules hold materialised full-precision weights now
+        alive.append(sum(1 for m in experts_of(built[-1]) if not m.up_proj.is_meta and m.up_proj.stride()[0] != 0))
+        real(module, device)
+
+    monkeypatch.setattr(quant, "_quantize_module", watching)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
+    model, _ = build_in_memory("tiny", 0, None, nf4_experts=True)
+    monkeypatch.undo()
+    eager, _ = build_in_memory("tiny", 0, None)
+    n_experts = len(experts_of(eager))
+    assert len(alive) == n_experts > 1 and max(alive) == 1, alive  # one block's experts at a time
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    assert all(quant.nf4_weights(m) for m in experts_of(model))
+    params = dict(model.named_parameters())
+    assert set(params) == {n for n, _ in eager.named_parameters()}
+    for name, want in eager.named_parameters():
+        got = params[name]
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if "experts.up_proj" in name or "experts.down_proj" in name:
+            continue  # placeholders; their NF4 values are checked below
+        if name.endswith(("norm.weight", "norm_f.weight", "A_log", ".D", "conv1d.bias")):
+            assert torch.equal(got, want), name  # deterministic initial values
+        elif want.numel() >= 2048:
+            assert abs(got.std() / want.std() - 1) < 0.1 and not torch.equal(got, want), name
+    for (name, b), (_, ref) in zip(model.named_buffers(), eager.named_buffers()):
+        if not name.split(".")[-1].startswith("_nf4"):
+            assert torch.equal(b, ref), name
+    for got, want in zip(experts_of(model), experts_of(eager)):
+        for name, nf4 in quant.nf4_weights(got).items():
+            assert abs(nf4.dequantize().std() / getattr(want, name).std() - 1) < 0.1
+    again = quant.quantize_experts(model)  # already NF4: nothing changes, the same counts
+    assert again["nf4_expert_layers"] == n_experts and again["nf4_params"] == sum(
+        getattr(m, n).numel() for m in experts_of(eager) for n in quant.EXPERT_PARAMS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_4bit_checkpoint_load_quantises_each_projection_as_it_is_read(dtype, tiny_dir, tmp_path, monkeypatch):
+    """--load_in_4bit from a hub-layout checkpoint (one tensor per routed expert, sharded so that a layer's experts
+    span two files): never through from_pretrained (which would materialise every bf16 expert), each projection
+    quantised the moment its last expert is read, and the result equal to from_pretrained + quantising after.
+    A checkpoint that lacks an expert tensor is refused with its folder and the tensor named."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from medlora.config import ModelArguments
+    from medlora.errors import MedloraError
+    from medlora.model import load_model, save_hub_layout
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=getattr(torch, dtype))  # fp32 kept where HF keeps it
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_dir / name).exists():
+            shutil.copy(tiny_dir / name, sharded / name)
+    written = save_hub_layout(reference, sharded, max_shard_bytes=40_000)
+    assert len(written["files"]) > 3
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    files_of_layer = {}
+    for key, file in weight_map.items():
+        if ".experts." in key:
+            files_of_layer.setdefault(key.split(".experts.")[0], set()).add(file)
+    assert any(len(f) > 1 for f in files_of_layer.values())  # the boundary case is exercised
+
+    quantised_when = []
+    real = quant._quantize_projection
+    monkeypatch.setattr(quant, "_quantize_projection", lambda e, p, w: (quantised_when.append(p), real(e, p, w)))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("from_pretrained used"))
+    model, _ = load_model(ModelArguments(model_name_or_path=str(sharded), load_in_4bit=True, torch_dtype=dtype))
+    monkeypatch.undo()
+    assert len(quantised_when) == 2 * len(experts_of(reference))
+    assert model.config._name_or_path == str(sharded) and not model.training
+    assert model._medlora_quantization["nf4_expert_layers"] == len(experts_of(reference))
+
+    expected = copy.deepcopy(reference)
+    quant.quantize_experts(expected)
+    quant.quantize_linears(expected)
+    got_params = dict(model.named_parameters())
+    for name, want in expected.named_parameters():
+        got = got_params[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if want.stride() and want.stride()[0] != 0:  # placeholders apart: the same values
+            assert torch.equal(got, want), name
+        if getattr(want, "quant_state", None) is not None:  # a 4-bit nn.Linear: the same blocks' absmax too
+            assert torch.equal(got.quant_state.absmax, want.quant_state.absmax), name
+    got_buffers = dict(model.named_buffers())
+    for name, want in expected.named_buffers():
+        assert torch.equal(got_buffers[name], want) and got_buffers[name].dtype == want.dtype, name
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    dropped = next(k for k in index["weight_map"] if k.endswith("experts.3.down_proj.weight"))
+    from safetensors.torch import load_file, save_file
+
+    file = broken / index["weight_map"][dropped]
+    tensors = load_file(str(file))
+    del tensors[dropped]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(MedloraError, match=r"broken.*lacks.*down_proj"):
+        load_model(ModelArguments(model_name_or_path=str(broken), load_in_4bit=True))
+    file.unlink()  # a shard gone: named, not a bare FileNotFoundError
+    with pytest.raises(MedloraError, match=rf"broken.*{file.name} not found"):
+        load_model(ModelArguments(model_name_or_path=str(broken), load_in_4bit=True))
+
+
+def test_linear_layers_in_nf4_keep_their_values_to_nf4_error_and_pass_lora_gradients(tiny):
+    """quantize_linears: every nn.Linear but the LM head becomes a bitsandbytes Linear4bit (NF4, blocks of 64);
+    each computes its input's product with the NF4-rounded weight (~9 % relative, as the experts), parameter
+    counts by dtype still add up to the model's, and LoRA attached afterwards gets a gradient on every tensor."""
+    import bitsandbytes as bnb
+
+    from medlora.model import apply_lora
+
+    base, _ = tiny
+    reference = copy.deepcopy(base).float()
+    model = copy.deepcopy(reference)
+    linears = {n: m for n, m in reference.named_modules() if type(m) is torch.nn.Linear}
+    done = quant.quantize_linears(model)
+    modules = dict(model.named_modules())
+    assert done["nf4_linear_layers"] == len(linears) - 1 and type(modules["lm_head"]) is torch.nn.Linear
+    x = torch.randn(7, reference.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name, linear in linears.items():
+        if name == "lm_head":
+            continue
+        assert isinstance(modules[name], bnb.nn.Linear4bit), name
+        if linear.in_features == x.shape[1]:
+            assert 0.05 < rel(modules[name](x), linear(x)) < 0.15, name
+    by_dtype = quant.weights_by_dtype(model)
+    assert sum(by_dtype.values()) == sum(p.numel() for p in reference.parameters())
+    assert by_dtype["nf4 (nn.Linear)"] == done["nf4_linear_params"] == sum(
+        m.weight.numel() for n, m in linears.items() if n != "lm_head")
+    torch.manual_seed(0)
+    model = apply_lora(model, LoraArguments(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(g is not None and g.norm() > 0 for g in lora.values())
+    assert any("in_proj" in n for n in lora) and not any(p.grad is not None for n, p in model.named_parameters()
+                                                         if "lora_" not in n)

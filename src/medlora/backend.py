@@ -25,7 +25,7 @@ class Backend:
     levers: tuple[str, ...] = ()  # fast: the kernels on (the rest run exact PyTorch references)
     gpu_arch: str = "auto"  # fast: sm80 picks the A100 kernels on any GPU (medlora.kernels.plan_fast)
     triton_mamba_ops: bool = False  # hf+triton: hf with the Triton Mamba2 ops patched into transformers' mixer
-    nf4_experts: bool = False  # bench fast+nf4: the routed experts in NF4 (medlora.quant), as --load_in_4bit
+    nf4_experts: bool = False  # bench fast+nf4: the 4-bit base of --load_in_4bit (experts and linear layers, NF4)
 
     @classmethod
     def parse(cls, spec: str, option: str = "--backends") -> "Backend":
@@ -48,13 +48,18 @@ class Backend:
             return cls("fast", tuple(DEFAULT_LEVERS), arch)
         if text.startswith("fast[") and text.endswith("]"):
             inner = text[5:-1]
-            levers = () if inner in ("", "none") else tuple(inner.split("+"))
-            unknown = set(levers) - set(LEVERS)
+            if inner.startswith("-"):  # fast[-compile-...]: the default levers without these (a lever table's rows)
+                off = tuple(inner[1:].split("-"))
+                levers = tuple(lever for lever in DEFAULT_LEVERS if lever not in off)
+                unknown = set(off) - set(LEVERS)
+            else:
+                levers = () if inner in ("", "none") else tuple(inner.split("+"))
+                unknown = set(levers) - set(LEVERS)
             if unknown:
                 raise ConfigError(f"{option} {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
             return cls("fast", levers, arch)
-        raise ConfigError(f"{option}: unknown backend {shown(spec)} (hf, unsloth, fast, fast[lever+...], fast@sm80, "
-                          "fast+nf4, hf+triton)")
+        raise ConfigError(f"{option}: unknown backend {shown(spec)} (hf, unsloth, fast, fast[lever+...], fast[-lever], "
+                          "fast@sm80, fast+nf4, hf+triton)")
 
     @classmethod
     def from_run(cls, run) -> "Backend":

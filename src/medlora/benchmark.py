@@ -39,9 +39,9 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
     backends: list[str] = field(default_factory=lambda: ["hf"], metadata={
-        "help": "hf, unsloth, fast (train's default levers), fast[lever+lever] (only those levers on), a suffix "
-                "@sm80 (fast with the A100 kernels), +nf4 (fast with the routed experts in NF4, as --load_in_4bit), "
-                "hf+triton (hf with Triton Mamba ops)"})
+        "help": "hf, unsloth, fast (train's default levers), fast[lever+lever] (only those levers on), "
+                "fast[-lever] (the defaults less that one), a suffix @sm80 (fast with the A100 kernels), +nf4 (fast "
+                "with --load_in_4bit: routed experts and linear layers in NF4), hf+triton (hf with Triton Mamba ops)"})
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
@@ -169,8 +169,10 @@ def active_params(model) -> dict[str, int]:
     config = model.config
     top_k, n_exp = getattr(config, "num_experts_per_tok", 1), getattr(config, "n_routed_experts", 1)
     total = active = lora_active = 0
+    from medlora.quant import logical_numel
+
     for name, param in model.named_parameters():
-        n = param.numel()
+        n = logical_numel(param)  # a 4-bit nn.Linear (--load_in_4bit) holds two values a byte
         routed = ".experts." in name and "shared_experts" not in name
         if "lora_" in name:
             # PEFT's target_parameters wrappers hold the routed experts' factors as [E*r, ...] 2-D matrices
@@ -283,7 +285,7 @@ def bench_sft_config(args: BenchArguments, backend, batch: int, checkpointing, o
 
 def bench_model(args: BenchArguments, backend, lora: LoraArguments, checkpointing, device):
     """(LoRA model, tokenizer, backend report) of one worker: built in memory on `device` (random weights, no
-    disk), or loaded through `train`'s own path. `+nf4` backends get the routed experts in NF4 (--load_in_4bit)."""
+    disk), or loaded through `train`'s own path. `+nf4` backends get the 4-bit base of --load_in_4bit (medlora.quant)."""
     import torch
 
     from medlora.backends import load_for_training, wrap_for_training
@@ -294,13 +296,14 @@ def bench_model(args: BenchArguments, backend, lora: LoraArguments, checkpointin
                                     experts_implementation=args.experts_implementation)
         return load_for_training(backend, model_args, lora, max_length=args.max_length,
                                  gradient_checkpointing=checkpointing, seed=args.seed, device=device)
-    model, tokenizer = build_in_memory(args.model_spec, args.seed, device)
+    # +nf4: built block by block, each block's experts quantised at once: the bf16 model never exists
+    model, tokenizer = build_in_memory(args.model_spec, args.seed, device, nf4_experts=backend.nf4_experts)
     if args.experts_implementation:
         model.set_experts_implementation(args.experts_implementation)
-    if backend.nf4_experts:  # built in bf16 first: the worker's peak is reset before training
+    if backend.nf4_experts:
         from medlora.model import quantize_for_training
 
-        quantize_for_training(model)
+        quantize_for_training(model)  # the experts are NF4 already; the linear layers now
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     model, report = wrap_for_training(backend, model, lora, checkpointing)
@@ -368,6 +371,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     trainer = build_trainer(model, tokenizer, config, dataset, callbacks=[StepTimer()])  # train's trainer class
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    before_train = torch.cuda.memory_allocated(device) if cuda else None
     trainer.train()
     # sequential sampler, no accumulation: global step i trains examples [i*B*W, (i+1)*B*W), rank r the r-th
     # batch of B among them (accelerate's batch-sampler sharding); padding is per rank's batch
@@ -389,6 +393,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "profile_breakdown": profile_detail,
         "mean_tokens_per_sample": statistics.fmean(lengths),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "memory_breakdown": memory_breakdown(model, trainer.optimizer, before_train,
+                                             torch.cuda.max_memory_allocated(device) if cuda else None),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": active_params(model),
         "flops_per_token": flops_per_token(model, statistics.fmean(lengths)),
@@ -398,6 +404,38 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
         "backend_report": report,
     }
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a zero-stride NF4 placeholder counts its 2 bytes)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def memory_breakdown(model, optimizer, before_train: int | None, peak: int | None) -> dict[str, Any]:
+    """Where the peak went, GiB: the frozen weights as stored (NF4 experts at their packed size), the LoRA
+    parameters, their gradients (one per trainable value, in its dtype), the optimizer's state, all counted from
+    the tensors themselves; on a GPU also what was allocated before the first step and the rest of the peak
+    (activations, checkpoint recomputes, transient dequantised experts, allocator blocks)."""
+    gib = 2**-30
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    state = [v for per_param in getattr(inner, "state", {}).values() for v in per_param.values()
+             if hasattr(v, "untyped_storage")]
+    parts = {"weights": _tensor_bytes(frozen), "lora": _tensor_bytes(trainable),
+             "lora_grads": sum(p.numel() * p.element_size() for p in trainable), "optimizer": _tensor_bytes(state)}
+    out: dict[str, Any] = {f"{k}_gib": round(v * gib, 6) for k, v in parts.items()}  # 6: tiny models too
+    out["how"] = "weights/lora/optimizer: bytes of their tensors; lora_grads: one value per trainable parameter"
+    if peak is not None:
+        static = sum(parts.values())
+        out["allocated_before_first_step_gib"] = round(before_train * gib, 3)
+        out["activations_and_transient_gib"] = round((peak - static) * gib, 3)  # the peak less the static parts
+    return out
 
 
 def top_kernels(profiler, cuda: bool, limit: int = 25) -> list[dict[str, Any]]:
@@ -519,6 +557,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
                    "slowest": slowest_step(runs)},
         "steps": timed_steps(runs),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
+        "memory_breakdown": max(runs, key=lambda r: r["peak_mem_gib"] or 0).get("memory_breakdown"),  # the peak's
         # per GPU, two conventions (FLOPS_FORMULAS): what a LoRA step computes, and the 6N of full fine-tuning
         "mfu": round(tokens_per_s / world * first["flops_per_token"] / (peak * 1e12), 4) if peak else None,
         "mfu_lora": round(tokens_per_s / world * first["flops_per_token_lora"] / (peak * 1e12), 4)

@@ -82,8 +82,9 @@ class ModelArguments:
         default=None, metadata={"help": "MoE experts kernel: eager, batched_mm, grouped_mm (default: transformers')"}
     )
     load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA with --backend fast: the routed experts (~29.4 B of Nano's 31.6 B parameters) in NF4 "
-                "(medlora.quant); the rest stays bf16"})
+        "help": "QLoRA with --backend fast: the routed experts (29.4 B of Nano's 31.6 B parameters) and every "
+                "nn.Linear but the LM head in NF4 (medlora.quant), quantised as the checkpoint is read; embeddings, "
+                "LM head and norms stay bf16"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     tiny_cache_dir: str = field(default="outputs/tiny-nemotron-h", metadata={"help": "where 'tiny' is built"})
 
@@ -610,7 +611,7 @@ def validate(model: ModelArguments | None = None, lora: LoraArguments | None = N
         validate_sft(train, run)
     if run is not None and model is not None and model.load_in_4bit:
         need(Backend.from_run(run).is_fast, f"--load_in_4bit with --backend {shown(run.backend)}: bitsandbytes would "
-             "quantise only the nn.Linear layers (~2 B of Nemotron-3-Nano's 31.6 B parameters; the fused 3-D routed "
+             "quantise only the nn.Linear layers (~1.5 B of Nemotron-3-Nano's 31.6 B parameters; the fused 3-D routed "
              "experts stay bf16, so a 40 GB GPU still cannot hold the model, and PEFT's k-bit preparation would cast "
              "them to fp32); medlora's 4-bit experts run with --backend fast")
     if run is not None and data is not None:

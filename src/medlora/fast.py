@@ -14,7 +14,9 @@ adapter files); only the backbone's forward is replaced, on this one instance:
   (PEFT's `target_parameters` path forms it for all 128 experts on every call).
 * attention: `torch.nn.attention.varlen.varlen_attn` (flash) over `cu_seqlens`.
 * the LM head is TRL's: it projects only the positions with a label (completion tokens) in chunks.
-* `compile` (opt-in): the norms and the router — the elementwise work between the kernels — run as
+* norms: the 52 RMSNorms and the 23 gated group RMSNorms of the Mamba mixers run as mamba_ssm's Triton
+  kernels, one pass forward and one backward each (eager they are ~10 elementwise passes over fp32 copies).
+* `compile` (opt-in): the router — and the norms when `triton_norms` is off — run as
   `torch.compile(dynamic=True)` graphs of pure functions equal to transformers' modules.
 * activation checkpointing per block, optionally for some block kinds only (selective).
 
@@ -36,8 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention", "compile")  # kernels that can be switched off
-DEFAULT_LEVERS = ("triton_mamba", "grouped_lora_moe", "varlen_attention")  # `compile` is opt-in (README)
+LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention", "compile")  # can be switched off
+DEFAULT_LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention")  # `compile`: opt-in (README)
 CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
 from medlora.errors import MedloraError
 from medlora.quant import nf4_weights
@@ -81,8 +83,8 @@ def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, posit
 
 
 @functools.cache
-def _load_mamba_ssd():
-    """mamba_ssm's Triton SSD from medlora's kernel cache (`medlora.kernels`), never as a `mamba_ssm` package.
+def _load_mamba_ssm() -> dict[str, Any]:
+    """mamba_ssm's Triton SSD and norms from medlora's kernel cache (`medlora.kernels`), never as a package.
 
     Its `__init__` files import the CUDA extension, so empty stand-in packages point Python at the cached
     folders for the import, and every `mamba_ssm` module is forgotten right after: transformers in this process
@@ -100,11 +102,28 @@ def _load_mamba_ssd():
             module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
             sys.modules[name] = stubs[name] = module
     try:
-        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+        return {"ssd": importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined,
+                "rms_norm": importlib.import_module("mamba_ssm.ops.triton.layer_norm").rms_norm_fn,
+                "gated_rms_norm": importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn}
     finally:
         for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
             del sys.modules[name]
-    return ssd
+
+
+def triton_norms(loaded: dict[str, Any]):
+    """(rms_norm, gated_rms_norm) with the signatures of the pure functions below, as mamba_ssm's Triton kernels:
+    fp32 statistics, one rounding to the input dtype (eager rounds the normalised value, then multiplies by the
+    weight in that dtype: the two differ by at most one bf16 ulp of the output)."""
+    plain, gated = loaded["rms_norm"], loaded["gated_rms_norm"]
+
+    def rms_norm_triton(x, weight, eps):
+        return plain(x, weight, None, eps=eps)
+
+    def gated_rms_norm_triton(x, gate, weight, eps, group_size):
+        # norm(x * silu(gate)) per group of `group_size` channels: Zamba2RMSNormGated / MambaRMSNormGated
+        return gated(x, weight, None, z=gate, eps=eps, group_size=group_size, norm_before_gate=False)
+
+    return rms_norm_triton, gated_rms_norm_triton
 
 
 @functools.cache
@@ -121,7 +140,7 @@ class Kernels:
     varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
     grouped_lora_moe: bool = True
     grouped_gemm: str = "grouped_mm"  # "grouped_mm" (torch / transformers) or "loop" (per expert; sm80, fp32)
-    rms_norm: Any = None  # the pure functions below, compiled with the `compile` lever
+    rms_norm: Any = None  # the pure functions below (eager, or compiled with `compile`) or the Triton norms
     gated_rms_norm: Any = None
     route: Any = None
     plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
@@ -154,9 +173,10 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
     capability = tuple(facts["capability"]) if cuda else None
     unavailable: dict[str, str] = {}
     kernels = Kernels(grouped_lora_moe="grouped_lora_moe" in levers)
-    if cuda and "triton_mamba" in levers:
+    loaded: dict[str, Any] = {}
+    if cuda and ("triton_mamba" in levers or "triton_norms" in levers):
         try:
-            kernels.ssd = _load_mamba_ssd()
+            loaded = _load_mamba_ssm()
         except KernelSetupError as err:
             raise MedloraError(str(err)) from None
         except ImportError as err:  # mamba_ssm's Triton files import einops and triton
@@ -164,7 +184,10 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
                                "`uv sync --extra fast`") from None
         except Exception as err:  # noqa: BLE001 - a broken import: say which and how to get out of it
             raise MedloraError(f"backend fast: mamba_ssm's Triton SSD does not import ({type(err).__name__}: {err}); "
-                               "pass --fast_levers without triton_mamba to run the PyTorch reference") from None
+                               "pass --fast_levers without triton_mamba and triton_norms to run the PyTorch "
+                               "references") from None
+    if cuda and "triton_mamba" in levers:
+        kernels.ssd = loaded["ssd"]
         try:
             kernels.conv = _load_fla_conv()
         except ImportError as err:
@@ -181,9 +204,12 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
     if kernels.plan["attention"].kernel.startswith("torch varlen_attn"):
         kernels.varlen_attention = varlen_attn
     kernels.grouped_gemm = "loop" if kernels.plan["moe_grouped_gemm"].kernel.startswith("per-expert") else "grouped_mm"
-    if kernels.plan["norms_and_router"].kernel.startswith("torch.compile"):
-        kernels.rms_norm, kernels.gated_rms_norm, kernels.route = (
-            torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm, route))
+    if kernels.plan["norms"].kernel.startswith("mamba_ssm"):
+        kernels.rms_norm, kernels.gated_rms_norm = triton_norms(loaded)
+    elif kernels.plan["norms"].kernel.startswith("torch.compile"):
+        kernels.rms_norm, kernels.gated_rms_norm = (torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm))
+    if kernels.plan["router"].kernel.startswith("torch.compile"):
+        kernels.route = torch.compile(route, dynamic=True)
     notes = [f"fast: {c.part}: {c.kernel} ({c.reason})" for c in kernels.plan.values() if c.fallback]
     return kernels, notes
 
@@ -557,7 +583,7 @@ def patch_hf_mamba_ops() -> dict[str, Any]:
     import transformers.models.nemotron_h.modeling_nemotron_h as nh
 
     try:
-        ssd, conv = _load_mamba_ssd(), _load_fla_conv()
+        ssd, conv = _load_mamba_ssm()["ssd"], _load_fla_conv()
     except (ImportError, MedloraError) as err:
         raise MedloraError(f"hf+triton needs mamba_ssm's Triton sources and fla-core ({err}); see README, "
                            "'Backend fast'") from None

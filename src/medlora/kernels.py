@@ -15,6 +15,7 @@ an H200 (`--fast_gpu_arch sm80`) to measure the A100 path:
 | part | sm90 / sm100 (H100, H200, B200) | sm80 / sm86 / sm89 (A100, A10, L40S) |
 |---|---|---|
 | Mamba2 SSD + conv | Triton (mamba_ssm, fla-core) | same Triton kernels |
+| RMSNorm, gated RMSNorm | Triton (mamba_ssm) | same Triton kernels |
 | attention | torch `varlen_attn` (FlashAttention-2) | same (FA2 supports sm80) |
 | MoE grouped GEMM | `torch._grouped_mm` (CUTLASS grouped GEMM) | per-expert loop, one host sync per MoE layer |
 
@@ -285,12 +286,23 @@ def plan_fast(levers: tuple[str, ...], cuda: bool, capability: tuple[int, int] |
                         if "grouped_lora_moe" in levers else
                         Choice("moe_lora", "PEFT target_parameters (W + BA for every expert)",
                                "lever grouped_lora_moe off"))
-    if "compile" not in levers:
-        plan["norms_and_router"] = Choice("norms_and_router", "eager", "lever compile off (default)")
+    compiled = "torch.compile(dynamic=True)"
+    if "triton_norms" not in levers:
+        plan["norms"] = (Choice("norms", compiled, "lever triton_norms off, lever compile on")
+                         if "compile" in levers and cuda else Choice("norms", "eager", "lever triton_norms off"))
     elif not cuda:
-        plan["norms_and_router"] = Choice("norms_and_router", "eager", where + ": lever compile is for GPUs", True)
+        plan["norms"] = Choice("norms", "eager", where + ": the Triton kernels need a GPU", True)
+    elif "mamba_ssd" in unavailable:  # the norms come from the same cached mamba_ssm files as the SSD
+        plan["norms"] = Choice("norms", "unavailable", unavailable["mamba_ssd"], True)
     else:
-        plan["norms_and_router"] = Choice("norms_and_router", "torch.compile(dynamic=True)", "lever compile on")
+        plan["norms"] = Choice("norms", "mamba_ssm Triton rms_norm_fn / rmsnorm_fn (group_size, gate)",
+                               "Triton, sm80 and newer")
+    if "compile" not in levers:
+        plan["router"] = Choice("router", "eager", "lever compile off (default)")
+    elif not cuda:
+        plan["router"] = Choice("router", "eager", where + ": lever compile is for GPUs", True)
+    else:
+        plan["router"] = Choice("router", compiled, "lever compile on")
     return plan
 
 

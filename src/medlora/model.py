@@ -268,8 +268,15 @@ NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 SPECS = {"nano-quarter": NANO_PATTERN[:13], "nano-full": NANO_PATTERN}
 
 
-def build_in_memory(spec: str, seed: int, device):
-    """(model, tokenizer): the random model of `spec` built straight on `device` in bf16 (fp32 on CPU), no disk."""
+def build_in_memory(spec: str, seed: int, device, nf4_experts: bool = False, dtype=None):
+    """(model, tokenizer): the random model of `spec` built straight on `device` in `dtype` (default bf16 on a
+    GPU, fp32 on CPU), no disk.
+
+    `nf4_experts` (--load_in_4bit): the model is laid out on the meta device and made one block at a time on
+    `device` (weights drawn by transformers' own `_init_weights`, children before parents as in `from_config`),
+    each MoE block's experts quantised to NF4 before the next block exists, so the bf16 model never sits in
+    memory (nano-full: 63 GB) — the peak is one block's bf16 experts. Same distributions, other random values
+    than the bf16 build (tested)."""
     import torch
     from transformers import AutoModelForCausalLM, NemotronHConfig
 
@@ -280,10 +287,23 @@ def build_in_memory(spec: str, seed: int, device):
     else:
         raise MedloraError(f"random models: tiny or {sorted(SPECS)}; got {spec!r}")
     torch_device = torch.device(device if device is not None else "cpu")
-    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
     torch.manual_seed(seed)
-    with torch_device:  # parameters are created in `dtype` on the device: no fp32 copy of 31.6 B weights
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not nf4_experts:
+        with torch_device:  # parameters are created in `dtype` on the device: no fp32 copy of 31.6 B weights
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        from medlora.quant import quantize_experts
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        backbone = model.model
+        for part in (backbone.embeddings, *backbone.layers, backbone.norm_f, model.lm_head):
+            part.to_empty(device=torch_device)
+            for module in reversed(list(part.modules())):  # every child before its parent (a block rescales out_proj)
+                model._init_weights(module)
+            if any(type(m).__name__ == "NemotronHExperts" for m in part.modules()):
+                quantize_experts(part)
     model.config.use_cache = False
     return model, build_tiny_tokenizer()
 
@@ -361,7 +381,10 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     if spec:  # the rehearsal's stand-in for the real checkpoint: same widths, random weights, no disk
         devices = [torch.device(device).index or 0] if device is not None and torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the caller's seeded RNG (LoRA init) stays untouched
-            model, _ = build_in_memory(spec, 0, device)
+            # NF4 experts are quantised as each block is made, so that model is made in `dtype` (a cast after
+            # quantising would cast the fp32 absmax too); the bf16 build is cast as before (same values)
+            model, _ = build_in_memory(spec, 0, device, nf4_experts=args.load_in_4bit,
+                                       dtype=dtype if args.load_in_4bit else None)
         if dtype != next(model.parameters()).dtype:
             model = model.to(dtype)
         model.name_or_path = model.config._name_or_path = path  # recorded as the adapter's base model
@@ -378,34 +401,74 @@ def load_model(args: ModelArguments, device: torch.device | str | None = None, t
     if args.experts_implementation:
         kwargs["experts_implementation"] = args.experts_implementation
     cuda = device is not None and torch.device(device).type == "cuda"
-    if cuda and not args.load_in_4bit:
-        kwargs["device_map"] = {"": torch.device(device).index or 0}  # each rank loads straight to its GPU
-    # --load_in_4bit: loaded to CPU RAM (memory-mapped safetensors), the experts quantised onto the GPU one tensor
-    # at a time, then the rest moved: the bf16 experts (58.8 GB for Nano) never sit in GPU memory together
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _unreachable(path, err) from None
     if args.load_in_4bit:
         # no peft.prepare_model_for_kbit_training: it casts every parameter that is not 4-bit to fp32 (here the
         # 29.4 B expert values before quantisation, 117 GB); fast checkpoints by itself and LoRA gets gradients
-        quantize_for_training(model, device if cuda else None)
+        model = load_4bit(path, args, kwargs, device if cuda else torch.device("cpu"))
+    else:
         if cuda:
-            model.to(device)
+            kwargs["device_map"] = {"": torch.device(device).index or 0}  # each rank loads straight to its GPU
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _unreachable(path, err) from None
     model.config.use_cache = False  # training; generation turns it back on per call
     return model, tokenizer
 
 
-def quantize_for_training(model, device=None) -> None:
-    """--load_in_4bit: the routed experts to NF4 (medlora.quant), on `device` when given; what is stored in which
-    dtype is printed and kept on the model for the run's report."""
-    from medlora.quant import quantize_experts, weights_by_dtype
+def checkpoint_folder(path: str, revision: str | None) -> Path:
+    """The local folder of a model: `path` itself, or the hub snapshot (config, generation config, safetensors)."""
+    if Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    from huggingface_hub import snapshot_download
 
-    done = quantize_experts(model, device)
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # noqa: BLE001 - offline, gated, unknown id: one message with the way out
+        raise _unreachable(path, err) from None
+
+
+def load_4bit(path: str, args: ModelArguments, kwargs: dict[str, Any], device) -> Any:
+    """--load_in_4bit from a checkpoint: the model laid out on the meta device, then filled tensor by tensor with
+    the routed experts quantised to NF4 as they are read (`medlora.quant.load_checkpoint_nf4`): the bf16 experts
+    (58.8 GB for Nano) never exist in host or GPU memory, one layer's projection at most."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from medlora.quant import load_checkpoint_nf4
+
+    folder = checkpoint_folder(path, args.revision)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+    except (OSError, ValueError) as err:
+        raise _unreachable(path, err) from None
+    build = {k: kwargs[k] for k in ("dtype", "attn_implementation", "trust_remote_code")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **build)
+    load_checkpoint_nf4(model, folder, device, kwargs["dtype"])
+    if "experts_implementation" in kwargs:
+        model.set_experts_implementation(kwargs["experts_implementation"])
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.name_or_path = model.config._name_or_path = path  # as from_pretrained records it (the adapter's base)
+    model.eval()  # as from_pretrained returns it
+    quantize_for_training(model)  # the experts are NF4 already; the linear layers now, on the device
+    return model
+
+
+def quantize_for_training(model) -> None:
+    """--load_in_4bit: the routed experts (medlora.quant) and every nn.Linear but the LM head (bitsandbytes
+    Linear4bit) to NF4, where the model is; what is stored in which dtype is printed and kept on the model for the
+    run's report. Experts already in NF4 (a streamed checkpoint, a block-by-block random build) are left as they
+    are."""
+    from medlora.quant import quantize_experts, quantize_linears, weights_by_dtype
+
+    done = quantize_experts(model)
+    done.update(quantize_linears(model))
     model._medlora_quantization = {**done, "parameters_by_dtype": weights_by_dtype(model)}
     counts = ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in model._medlora_quantization["parameters_by_dtype"].items())
-    print(f"--load_in_4bit: {done['nf4_expert_layers']} MoE layers' routed experts in NF4 "
-          f"({done['nf4_params'] / 1e9:.2f} B parameters, {done['nf4_gib']} GiB); parameters by dtype: {counts}",
+    print(f"--load_in_4bit: NF4 routed experts of {done['nf4_expert_layers']} MoE layers ({done['nf4_params'] / 1e9:.2f} "
+          f"B parameters, {done['nf4_gib']} GiB) and {done['nf4_linear_layers']} nn.Linear layers "
+          f"({done['nf4_linear_params'] / 1e9:.2f} B, {done['nf4_linear_gib']} GiB); parameters by dtype: {counts}",
           flush=True)
 
 

@@ -188,9 +188,11 @@ def quantization_lines(quantization: dict | None) -> list[str]:
     if not quantization:
         return []
     counts = ", ".join(f"{k} {v:,}" for k, v in quantization["parameters_by_dtype"].items())
+    linear = (f" and {quantization['nf4_linear_layers']} nn.Linear layers ({quantization['nf4_linear_gib']} GiB)"
+              if quantization.get("nf4_linear_layers") else "")
     return [f"- Base weights during training (`--load_in_4bit`): routed experts of {quantization['nf4_expert_layers']} "
-            f"MoE layers in NF4 ({quantization['nf4_gib']} GiB); parameters by dtype: {counts}. The adapter is an "
-            "ordinary PEFT adapter for the bf16 base, trained against NF4-rounded experts"]
+            f"MoE layers in NF4 ({quantization['nf4_gib']} GiB){linear}; parameters by dtype: {counts}. The adapter is "
+            "an ordinary PEFT adapter for the bf16 base, trained against NF4-rounded weights"]
 
 
 def write_model_card(run_dir: str | Path, output: str | Path | None = None) -> Path:

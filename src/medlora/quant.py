@@ -19,6 +19,7 @@ How it is wired:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,33 +95,70 @@ def nf4_weights(experts) -> dict[str, Nf4Weight]:
 
 
 def quantize_experts(model, device=None) -> dict[str, Any]:
-    """Quantise every routed-expert tensor of `model` to NF4 in place, one tensor at a time; each bf16 tensor is
-    freed before the next is quantised. With `device` (a model loaded to CPU) each tensor is quantised on that
-    device and only its NF4 form stays there, so the bf16 experts never all sit in GPU memory. Returns what was
-    quantised (counts, bytes)."""
-    layers, params, nbytes = 0, 0, 0
-    for module in model.modules():
-        if type(module).__name__ != "NemotronHExperts" or nf4_weights(module):
-            continue
-        stored = {}
-        for name in EXPERT_PARAMS:
-            weight = getattr(module, name)
-            nf4 = Nf4Weight.quantize(weight.data if device is None else weight.data.to(device))
-            # buffers, so `.to()` and `.cuda()` move them; not persistent: never written into a checkpoint
-            module.register_buffer(f"_nf4_{name}_packed", nf4.packed, persistent=False)
-            module.register_buffer(f"_nf4_{name}_absmax", nf4.absmax, persistent=False)
-            module.register_buffer(f"_nf4_{name}_code", nf4.code, persistent=False)
-            stored[name] = (nf4.shape, nf4.dtype)
-            placeholder = torch.empty((), dtype=weight.dtype, device=nf4.packed.device).expand(weight.shape)
-            setattr(module, name, torch.nn.Parameter(placeholder, requires_grad=False))
-            params, nbytes = params + weight.numel(), nbytes + nf4.nbytes
-            del weight
-        module._medlora_nf4 = stored
-        layers += 1
-    if not layers:
+    """Quantise every routed-expert tensor of `model` (a model or one block) to NF4 in place, one tensor at a
+    time; each bf16 tensor is freed before the next is quantised, and experts already in NF4 are left as they
+    are. With `device` (a model loaded to CPU) each tensor is quantised on that device and only its NF4 form
+    stays there, so the bf16 experts never all sit in GPU memory. Returns what is quantised (counts, bytes)."""
+    experts = [m for m in model.modules() if type(m).__name__ == "NemotronHExperts"]
+    if not experts:
         raise ConfigError("--load_in_4bit: this model has no NemotronHExperts module, so medlora's 4-bit path would "
                           "quantise nothing; drop the flag")
+    layers, params, nbytes = 0, 0, 0
+    for module in experts:
+        if not nf4_weights(module):
+            _quantize_module(module, device)
+        for name, nf4 in nf4_weights(module).items():
+            params, nbytes = params + torch.Size(nf4.shape).numel(), nbytes + nf4.nbytes
+        layers += 1
     return {"nf4_expert_layers": layers, "nf4_params": params, "nf4_gib": round(nbytes / 2**30, 3)}
+
+
+def _quantize_module(module, device=None) -> None:
+    for name in EXPERT_PARAMS:
+        weight = getattr(module, name).data
+        _quantize_projection(module, name, weight if device is None else weight.to(device))
+        del weight
+
+
+LINEAR_SKIP = ("lm_head",)  # as BitsAndBytesConfig: the LM head stays in bf16
+
+
+def logical_numel(param) -> int:
+    """Values a parameter stands for: a bitsandbytes Params4bit holds two a byte (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+
+
+def quantize_linears(model, skip: tuple[str, ...] = LINEAR_SKIP) -> dict[str, Any]:
+    """Every `nn.Linear` but the LM head to bitsandbytes' `Linear4bit` in NF4 (blocks of 64, fp32 absmax, no
+    double quantisation: the experts' format), quantised where its weight is, one layer at a time; its compute
+    dtype is the weight's, so under bf16 autocast it dequantises to bf16 for the GEMM. Call it before LoRA is
+    attached: PEFT then wraps the 4-bit module as it wraps any linear layer. Returns what was quantised."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    layers, params, nbytes = 0, 0, 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is not torch.nn.Linear or any(full == k or full.endswith("." + k) for k in skip):
+                continue
+            weight = child.weight.data
+            packed, state = bnb_f.quantize_4bit(weight.contiguous(), blocksize=NF4_BLOCK, quant_type="nf4")
+            linear = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=weight.dtype,
+                                       quant_type="nf4", device="meta")
+            linear.weight = bnb.nn.Params4bit(data=packed, requires_grad=False, quant_state=state,
+                                              blocksize=NF4_BLOCK, compress_statistics=False, quant_type="nf4",
+                                              bnb_quantized=True, module=linear)
+            linear.bias = child.bias
+            # bitsandbytes' CPU inference path repacks the weight in place (and asserts out % 32 == 0): keep one
+            # format everywhere, so training, evaluation and the reports read the same tensors
+            linear.support_avx512bf16_for_cpu = False
+            setattr(parent, name, linear)
+            layers, params = layers + 1, params + weight.numel()
+            nbytes += packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+            del weight, child
+    return {"nf4_linear_layers": layers, "nf4_linear_params": params, "nf4_linear_gib": round(nbytes / 2**30, 3)}
 
 
 def weights_by_dtype(model) -> dict[str, int]:
@@ -135,9 +173,115 @@ def weights_by_dtype(model) -> dict[str, int]:
     for name, param in model.named_parameters():
         if id(param) in quantised_placeholders:
             continue
-        key, n = str(param.dtype).replace("torch.", ""), param.numel()
-        if "lora_" in name:
+        key, n = str(param.dtype).replace("torch.", ""), logical_numel(param)
+        if getattr(param, "quant_state", None) is not None:
+            key = "nf4 (nn.Linear)"
+        elif "lora_" in name:
             key = f"{key} (LoRA)"
         counts[key] = counts.get(key, 0) + n
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
+
+
+# ---------------------------------------------------------------- loading a checkpoint with NF4 experts
+
+_EXPERT_KEY = re.compile(r"^(?P<module>.+\.mixer\.experts)\.(?P<expert>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+
+
+def _model_name(key: str) -> str:
+    """The model's name of a hub checkpoint key (transformers' nemotron_h rename: backbone. -> model.)."""
+    return "model." + key[len("backbone."):] if key.startswith("backbone.") else key
+
+
+def _place(model, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def load_checkpoint_nf4(model, folder, device, dtype: torch.dtype) -> dict[str, Any]:
+    """Fill `model` (built on the meta device) from the safetensors of `folder` (the hub layout: one tensor per
+    routed expert), quantising the experts as they are read: each projection of a MoE layer is gathered on
+    `device` expert by expert into one [E, out, in] tensor, quantised to NF4 and freed, so neither host nor GPU
+    memory ever holds more than the layers being gathered (one, or two across a shard boundary) in full
+    precision. Every other tensor goes straight to `device` in `dtype` (fp32 where transformers keeps it fp32).
+    Returns quantize_experts' summary. A missing tensor is an error naming the checkpoint and the tensor."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from medlora.errors import MedloraError
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    absent = [f for f in files if not (folder / f).is_file()]
+    if absent:
+        raise MedloraError(f"{folder}: --load_in_4bit reads safetensors checkpoints; {', '.join(absent[:3])} not found")
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules", None) or ())
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    wanted = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    gathering: dict[tuple[str, str], tuple[torch.Tensor, set[int]]] = {}
+    placed, unexpected = set(), []
+    for file in files:
+        with safe_open(str(folder / file), framework="pt", device="cpu") as shard:
+            for key in shard.keys():
+                name = _model_name(key)
+                match = _EXPERT_KEY.match(name)
+                if match:
+                    target = f"{match['module']}.{match['proj']}"
+                    if target not in wanted:
+                        unexpected.append(key)
+                        continue
+                    experts = model.get_submodule(match["module"])
+                    shape = getattr(experts, match["proj"]).shape
+                    stack, seen = gathering.setdefault((match["module"], match["proj"]), (
+                        torch.empty(shape, dtype=dtype, device=device), set()))
+                    stack[int(match["expert"])].copy_(shard.get_tensor(key))
+                    seen.add(int(match["expert"]))
+                    if len(seen) == shape[0]:  # the projection is complete: to NF4, the full-precision copy freed
+                        _quantize_projection(experts, match["proj"], stack)
+                        del gathering[(match["module"], match["proj"])]
+                        placed.add(target)
+                    continue
+                if name not in wanted:
+                    if not any(p.search(key) for p in ignored):
+                        unexpected.append(key)
+                    continue
+                tensor = shard.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float32 if any(k in name for k in keep_fp32) else dtype)
+                _place(model, name, tensor.to(device))
+                placed.add(name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+        placed |= {n for n, p in model.named_parameters() if not p.is_meta}
+    missing = sorted(wanted - placed - {n for n, b in model.named_buffers() if not b.is_meta})
+    incomplete = [f"{m}.{p} (experts {sorted(seen)[:3]}... of {stack.shape[0]})" for (m, p), (stack, seen) in
+                  gathering.items()]
+    if missing or incomplete:
+        raise MedloraError(f"{folder}: --load_in_4bit: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                           f"{', '.join((incomplete + missing)[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        print(f"{folder}: {len(unexpected)} checkpoint tensor(s) the model does not use, not loaded: "
+              f"{', '.join(unexpected[:5])}", flush=True)
+    return quantize_experts(model)
+
+
+def _quantize_projection(experts, proj: str, weight: torch.Tensor) -> None:
+    """One full-precision [E, out, in] projection into NF4 buffers + a placeholder (as `_quantize_module`)."""
+    nf4 = Nf4Weight.quantize(weight)
+    experts.register_buffer(f"_nf4_{proj}_packed", nf4.packed, persistent=False)
+    experts.register_buffer(f"_nf4_{proj}_absmax", nf4.absmax, persistent=False)
+    experts.register_buffer(f"_nf4_{proj}_code", nf4.code, persistent=False)
+    stored = dict(getattr(experts, "_medlora_nf4", None) or {})
+    stored[proj] = (nf4.shape, nf4.dtype)
+    placeholder = torch.empty((), dtype=weight.dtype, device=nf4.packed.device).expand(weight.shape)
+    setattr(experts, proj, torch.nn.Parameter(placeholder, requires_grad=False))
+    experts._medlora_nf4 = stored
