@@ -424,6 +424,7 @@ def memory_breakdown(model, optimizer, before_train: int | None, peak: int | Non
     gib = 2**-30
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    frozen += [p.quant_state.absmax for p in model.parameters() if getattr(p, "quant_state", None) is not None]
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
     state = [v for per_param in getattr(inner, "state", {}).values() for v in per_param.values()
              if hasattr(v, "untyped_storage")]
