@@ -203,7 +203,7 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
     kernels.plan = plan_fast(tuple(levers), cuda, capability, name, arch, unavailable)
     if kernels.plan["attention"].kernel.startswith("torch varlen_attn"):
         kernels.varlen_attention = varlen_attn
-    kernels.grouped_gemm = "loop" if kernels.plan["moe_grouped_gemm"].kernel.startswith("per-expert") else "grouped_mm"
+    kernels.grouped_gemm = _gemm_kind(kernels.plan)
     if kernels.plan["norms"].kernel.startswith("mamba_ssm"):
         kernels.rms_norm, kernels.gated_rms_norm = triton_norms(loaded)
     elif kernels.plan["norms"].kernel.startswith("torch.compile"):
@@ -212,6 +212,20 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
         kernels.route = torch.compile(route, dynamic=True)
     notes = [f"fast: {c.part}: {c.kernel} ({c.reason})" for c in kernels.plan.values() if c.fallback]
     return kernels, notes
+
+
+def _gemm_kind(plan) -> str:
+    return "loop" if plan["moe_grouped_gemm"].kernel.startswith("per-expert") else "grouped_mm"
+
+
+def grouped_gemm_kind(device, dtype: torch.dtype) -> str:
+    """`expert_gemm`'s kind for experts on `device` in `dtype`: `kernels.plan_fast`'s choice, so training,
+    evaluation and generation of a 4-bit model follow one rule."""
+    from medlora.kernels import gpu_facts, plan_fast
+
+    cuda = torch.device(device).type == "cuda"
+    capability = tuple(gpu_facts(device)["capability"]) if cuda else None
+    return _gemm_kind(plan_fast(("grouped_lora_moe",), cuda, capability, str(dtype).replace("torch.", "")))
 
 
 # ---------------------------------------------------------------- norms and router as pure functions
@@ -445,10 +459,9 @@ def route_quantized_experts(model) -> int:
         if not nf4_weights(base):
             continue
         placeholder = getattr(base, "up_proj")
-        grouped = placeholder.is_cuda and placeholder.dtype == torch.bfloat16 \
-            and torch.cuda.get_device_capability(placeholder.device) >= (9, 0)
+        kind = grouped_gemm_kind(placeholder.device, placeholder.dtype)
 
-        def forward(hidden_states, top_k_index, top_k_weights, _outer=outer, _kind="grouped_mm" if grouped else "loop"):
+        def forward(hidden_states, top_k_index, top_k_weights, _outer=outer, _kind=kind):
             return grouped_lora_experts(_outer, hidden_states, top_k_index, top_k_weights, _kind)
 
         outer.forward = forward
