@@ -169,9 +169,9 @@ def test_random_4bit_build_never_holds_two_blocks_of_bf16_experts(monkeypatch):
         built.append(original(*args, **kwargs))
         return built[-1]
 
-    def watching(module, device=None):  # how many experts modules hold materialised full-precision weights now
+    def watching(module):  # how many experts modules hold materialised full-precision weights now
         alive.append(sum(1 for m in experts_of(built[-1]) if not m.up_proj.is_meta and m.up_proj.stride()[0] != 0))
-        real(module, device)
+        real(module)
 
     monkeypatch.setattr(quant, "_quantize_module", watching)
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)

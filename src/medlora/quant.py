@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from medlora.errors import ConfigError
+from medlora.errors import ConfigError, MedloraError
 
 NF4_BLOCK = 64
 EXPERT_PARAMS = ("up_proj", "down_proj")
@@ -94,11 +94,11 @@ def nf4_weights(experts) -> dict[str, Nf4Weight]:
             for name, (shape, dtype) in meta.items()}
 
 
-def quantize_experts(model, device=None) -> dict[str, Any]:
-    """Quantise every routed-expert tensor of `model` (a model or one block) to NF4 in place, one tensor at a
-    time; each bf16 tensor is freed before the next is quantised, and experts already in NF4 are left as they
-    are. With `device` (a model loaded to CPU) each tensor is quantised on that device and only its NF4 form
-    stays there, so the bf16 experts never all sit in GPU memory. Returns what is quantised (counts, bytes)."""
+def quantize_experts(model) -> dict[str, Any]:
+    """Quantise every routed-expert tensor of `model` (a model or one block) to NF4 in place, where it is, one
+    tensor at a time; each bf16 tensor is freed before the next is quantised, and experts already in NF4 are left
+    as they are (a checkpoint read by `load_checkpoint_nf4` quantises them as it reads). Returns what is quantised
+    (counts, bytes)."""
     experts = [m for m in model.modules() if type(m).__name__ == "NemotronHExperts"]
     if not experts:
         raise ConfigError("--load_in_4bit: this model has no NemotronHExperts module, so medlora's 4-bit path would "
@@ -106,18 +106,30 @@ def quantize_experts(model, device=None) -> dict[str, Any]:
     layers, params, nbytes = 0, 0, 0
     for module in experts:
         if not nf4_weights(module):
-            _quantize_module(module, device)
+            _quantize_module(module)
         for name, nf4 in nf4_weights(module).items():
             params, nbytes = params + torch.Size(nf4.shape).numel(), nbytes + nf4.nbytes
         layers += 1
     return {"nf4_expert_layers": layers, "nf4_params": params, "nf4_gib": round(nbytes / 2**30, 3)}
 
 
-def _quantize_module(module, device=None) -> None:
+def _quantize_module(module) -> None:
     for name in EXPERT_PARAMS:
-        weight = getattr(module, name).data
-        _quantize_projection(module, name, weight if device is None else weight.to(device))
-        del weight
+        _quantize_projection(module, name, getattr(module, name).data)
+
+
+def _quantize_projection(experts, proj: str, weight: torch.Tensor) -> None:
+    """One full-precision [E, out, in] projection into NF4 buffers and a placeholder parameter (for
+    `_quantize_module` and `load_checkpoint_nf4`)."""
+    nf4 = Nf4Weight.quantize(weight)
+    experts.register_buffer(f"_nf4_{proj}_packed", nf4.packed, persistent=False)
+    experts.register_buffer(f"_nf4_{proj}_absmax", nf4.absmax, persistent=False)
+    experts.register_buffer(f"_nf4_{proj}_code", nf4.code, persistent=False)
+    stored = dict(getattr(experts, "_medlora_nf4", None) or {})
+    stored[proj] = (nf4.shape, nf4.dtype)
+    placeholder = torch.empty((), dtype=weight.dtype, device=nf4.packed.device).expand(weight.shape)
+    setattr(experts, proj, torch.nn.Parameter(placeholder, requires_grad=False))
+    experts._medlora_nf4 = stored
 
 
 LINEAR_SKIP = ("lm_head",)  # as BitsAndBytesConfig: the LM head stays in bf16
@@ -215,11 +227,10 @@ def load_checkpoint_nf4(model, folder, device, dtype: torch.dtype) -> dict[str, 
 
     from safetensors import safe_open
 
-    from medlora.errors import MedloraError
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     absent = [f for f in files if not (folder / f).is_file()]
     if absent:
         raise MedloraError(f"{folder}: --load_in_4bit reads safetensors checkpoints; {', '.join(absent[:3])} not found")
@@ -265,23 +276,11 @@ def load_checkpoint_nf4(model, folder, device, dtype: torch.dtype) -> dict[str, 
     missing = sorted(wanted - placed - {n for n, b in model.named_buffers() if not b.is_meta})
     incomplete = [f"{m}.{p} (experts {sorted(seen)[:3]}... of {stack.shape[0]})" for (m, p), (stack, seen) in
                   gathering.items()]
-    if missing or incomplete:
-        raise MedloraError(f"{folder}: --load_in_4bit: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                           f"{', '.join((incomplete + missing)[:5])}{' ...' if len(missing) > 5 else ''}")
+    lacking = incomplete + missing
+    if lacking:
+        raise MedloraError(f"{folder}: --load_in_4bit: the checkpoint lacks {len(lacking)} tensor(s) the model needs: "
+                           f"{', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}")
     if unexpected:
         print(f"{folder}: {len(unexpected)} checkpoint tensor(s) the model does not use, not loaded: "
               f"{', '.join(unexpected[:5])}", flush=True)
     return quantize_experts(model)
-
-
-def _quantize_projection(experts, proj: str, weight: torch.Tensor) -> None:
-    """One full-precision [E, out, in] projection into NF4 buffers + a placeholder (as `_quantize_module`)."""
-    nf4 = Nf4Weight.quantize(weight)
-    experts.register_buffer(f"_nf4_{proj}_packed", nf4.packed, persistent=False)
-    experts.register_buffer(f"_nf4_{proj}_absmax", nf4.absmax, persistent=False)
-    experts.register_buffer(f"_nf4_{proj}_code", nf4.code, persistent=False)
-    stored = dict(getattr(experts, "_medlora_nf4", None) or {})
-    stored[proj] = (nf4.shape, nf4.dtype)
-    placeholder = torch.empty((), dtype=weight.dtype, device=nf4.packed.device).expand(weight.shape)
-    setattr(experts, proj, torch.nn.Parameter(placeholder, requires_grad=False))
-    experts._medlora_nf4 = stored
