@@ -425,15 +425,8 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def validate_rows(
-    raw: list[tuple[int, Any]],
-    source: str,
-    cop_base: str = "auto",
-    evaluation: bool = False,
-    from_text: bool = False,
-) -> tuple[list[dict[str, Any]], LoadReport]:
-    """Check every row; return the valid ones (cleaned, cop 0-3) and a report holding the rest."""
-    report = LoadReport(source=source, rows_read=len(raw))
+def _well_formed(raw: list[tuple[int, Any]], source: str, from_text: bool, report: LoadReport) -> list:
+    """(line, object) of the rows that are objects with every required field; the rest go to `report`."""
     candidates = []
     for line, obj in raw:
         if not isinstance(obj, dict):
@@ -448,7 +441,41 @@ def validate_rows(
             if name not in KNOWN_FIELDS:
                 report.ignored_fields[printable(str(name))[:80]] += 1
         candidates.append((line, obj))
+    return candidates
 
+
+def _clean_row(obj: dict, line, cop: int, source: str, evaluation: bool, report: LoadReport) -> dict | None:
+    """The row medlora keeps (text fields, cop 0-3, metadata, id, where it came from), or None when cleaning
+    leaves a text field empty (reported)."""
+    # Evaluation scores the text as published (lm-eval parity); training data is cleaned.
+    row = {name: obj[name] if evaluation else clean_text(obj[name]) for name in TEXT_FIELDS}
+    if any(row[name] != obj[name] for name in TEXT_FIELDS):
+        empty = [name for name in TEXT_FIELDS if not row[name]]
+        if empty:  # only invisible (control/format) characters: cleaning would leave nothing
+            report.issues.append(RowIssue(source, line, empty[0], "is empty once control and format "
+                                          "characters are removed", obj))
+            return None
+        report.cleaned_rows += 1
+    row["cop"] = cop
+    for name in ("exp", "subject_name", "topic_name", "choice_type"):
+        value = obj.get(name)
+        row[name] = clean_text(str(value)) if value not in (None, "") else None
+    row["subject_name"] = row["subject_name"] or "Unknown"
+    row["id"] = str(obj["id"]) if obj.get("id") not in (None, "") else f"{Path(source).name}:{line:id}" if isinstance(line, Position) else f"{Path(source).name}:{line}"
+    row["source"], row["line"] = source, line
+    return row
+
+
+def validate_rows(
+    raw: list[tuple[int, Any]],
+    source: str,
+    cop_base: str = "auto",
+    evaluation: bool = False,
+    from_text: bool = False,
+) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Check every row; return the valid ones (cleaned, cop 0-3) and a report holding the rest."""
+    report = LoadReport(source=source, rows_read=len(raw))
+    candidates = _well_formed(raw, source, from_text, report)
     if not candidates:
         if report.issues:
             raise DataError(f"{source}: no valid rows.\n" + format_issues(report.issues))
@@ -470,22 +497,9 @@ def validate_rows(
                 RowIssue(source, line, "cop", f"{obj['cop']!r} is outside {report.cop_numbering}", obj)
             )
             continue
-        # Evaluation scores the text as published (lm-eval parity); training data is cleaned.
-        row = {name: obj[name] if evaluation else clean_text(obj[name]) for name in TEXT_FIELDS}
-        if any(row[name] != obj[name] for name in TEXT_FIELDS):
-            empty = [name for name in TEXT_FIELDS if not row[name]]
-            if empty:  # only invisible (control/format) characters: cleaning would leave nothing
-                report.issues.append(RowIssue(source, line, empty[0], "is empty once control and format "
-                                              "characters are removed", obj))
-                continue
-            report.cleaned_rows += 1
-        row["cop"] = cop
-        for name in ("exp", "subject_name", "topic_name", "choice_type"):
-            value = obj.get(name)
-            row[name] = clean_text(str(value)) if value not in (None, "") else None
-        row["subject_name"] = row["subject_name"] or "Unknown"
-        row["id"] = str(obj["id"]) if obj.get("id") not in (None, "") else f"{Path(source).name}:{line:id}" if isinstance(line, Position) else f"{Path(source).name}:{line}"
-        row["source"], row["line"] = source, line
+        row = _clean_row(obj, line, cop, source, evaluation, report)
+        if row is None:
+            continue
 
         option_keys = [normalise_key(row[name]) for name in OPTION_FIELDS]
         if len(set(option_keys)) == 1 and not evaluation:
