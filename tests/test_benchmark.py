@@ -44,6 +44,9 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     # every timed step is kept, with its tokens, so an outlier can be traced afterwards
     assert len(by["fast"]["steps"]) == step["n"] and max(x["s"] for x in by["fast"]["steps"]) == step["max"]
     assert all(x["padded_tokens"] >= x["tokens"] > 0 for x in by["fast"]["steps"])
+    # and what can make a step slow, per step: collector pauses, new CUDA segments (none on a CPU)
+    assert all(x["gc_s"] >= 0 and len(x["gc_collections"]) == 3 and x["cuda_mallocs"] == 0
+               for x in by["fast"]["steps"])
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
 
@@ -270,3 +273,56 @@ def test_flops_per_token_counts_what_a_lora_step_computes(tiny):
         config.num_attention_heads * config.head_dim) * 100
     assert flops_per_token(model, 100) == 6 * counted["active"] + attention
     assert flops_per_token(model, 100, "lora") == 4 * counted["active"] + 6 * counted["lora_active"] + attention
+
+
+class _Event:
+    """The parts of a torch profiler FunctionEvent that `device_idle` reads."""
+
+    def __init__(self, name, kind, start, end, parent=None):
+        import types
+
+        self.name, self.cpu_parent = name, parent
+        self.device_type = types.SimpleNamespace(name=kind)
+        self.time_range = types.SimpleNamespace(start=start, end=end)
+
+
+def test_device_idle_blames_each_gap_on_a_sync_or_on_the_host():
+    from medlora.benchmark import device_idle
+
+    block = _Event("medlora.moe", "CPU", 0, 1000)
+    count = _Event("aten::bincount", "CPU", 100, 400, block)
+    events = [block, count, _Event("cudaStreamSynchronize", "CPU", 110, 300, count),
+              _Event("aten::mm", "CPU", 500, 520, block)]
+    # device: busy 0-300, idle 300-600 (the sync ended at 300: drained), busy 600-700, idle 700-705 (below the
+    # threshold), busy 705-800, idle 800-900 (no sync: the host was late with aten::mm's launch at 850)
+    events += [_Event("kernel", "CUDA", 0, 300), _Event("kernel", "CUDA", 600, 700), _Event("kernel", "CUDA", 705, 800),
+               _Event("kernel", "CUDA", 900, 950)]
+    events.append(_Event("aten::add", "CPU", 850, 860, block))
+    idle = device_idle(events, step_s=0.00125, gap_us=20.0)
+    assert idle["gaps"] == 2 and idle["idle_ms"] == pytest.approx(0.4)
+    assert idle["idle_after_sync_ms"] == pytest.approx(0.3)
+    causes = idle["idle_by_cause_ms"]
+    assert causes == {"after sync: medlora.moe / aten::bincount / cudaStreamSynchronize": pytest.approx(0.3),
+                      "host: medlora.moe / aten::add": pytest.approx(0.1)}
+    assert idle["host_syncs"] == {"medlora.moe / aten::bincount / cudaStreamSynchronize": 1}
+    assert idle["largest_gaps"][0]["ms"] == pytest.approx(0.3)
+    assert idle["outside_first_to_last_kernel_ms"] == pytest.approx(0.3)  # 1.25 ms step, kernels span 0.95
+    assert device_idle([e for e in events if e.device_type.name == "CPU"], 0.001) == {}  # CPU-only profile
+
+
+def test_step_causes_count_collector_pauses_per_step():
+    import gc
+
+    from medlora.benchmark import StepCauses
+
+    causes = StepCauses()
+    with causes:
+        causes.begin()
+        quiet = causes.end()
+        causes.begin()
+        gc.collect()
+        collected = causes.end()
+    assert quiet["gc_collections"] == [0, 0, 0] or quiet["gc_s"] < 0.05  # a background collection may land
+    assert collected["gc_collections"][2] >= 1 and collected["gc_s"] > 0
+    assert collected["cuda_mallocs"] == collected["alloc_retries"] == 0
+    assert causes._gc not in gc.callbacks  # removed on exit

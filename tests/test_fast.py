@@ -99,6 +99,39 @@ def test_packing_without_boundaries_would_leak(lora_pair):
     assert rel(joined, alone) > 1e-2
 
 
+@pytest.mark.parametrize("layout", ["no padding", "right padding", "left padding", "packed rows", "one token rows"])
+def test_stream_layout_for_every_kind_of_batch(layout):
+    """cu_seqlens (device and host copy), max_len, seq_id and pos agree with the rows' real lengths."""
+    torch.manual_seed(0)
+    b, length = 4, 9
+    mask = position_ids = None
+    if layout == "no padding":
+        lengths = [length] * b
+    elif layout in ("right padding", "left padding"):
+        lengths = [9, 3, 7, 1]
+        mask = torch.stack([torch.arange(length) < n for n in lengths]).long()
+        mask = mask.flip(1) if layout == "left padding" else mask
+    elif layout == "packed rows":  # TRL padding-free: each row's position_ids restart at every example
+        pieces = [[4, 5], [9], [2, 2, 5], [1, 8]]
+        position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in pieces])
+        lengths = [n for row in pieces for n in row]
+    else:
+        b, length, lengths = 5, 1, [1] * 5
+    stream = fast.make_stream((b, length), "cpu", mask, position_ids)
+    want_cu = torch.cumsum(torch.tensor([0] + lengths), 0)
+    assert stream.cu_seqlens.dtype == torch.int32 and torch.equal(stream.cu_seqlens.long(), want_cu)
+    assert torch.equal(stream.cu_seqlens_host, want_cu) and stream.cu_seqlens_host.device.type == "cpu"
+    assert stream.max_len == max(lengths)
+    assert torch.equal(stream.seq_id, torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    assert torch.equal(stream.pos, torch.cat([torch.arange(n) for n in lengths]))
+    assert stream.seq_idx.shape == (1, sum(lengths)) and stream.seq_idx.dtype == torch.int32
+    assert stream.seq_idx is stream.seq_idx  # built once, shared by every layer and the recompute
+    fla_index = pytest.importorskip("fla.ops.utils")  # the Triton conv's chunk table (extra `fast`)
+    chunks = stream.conv_chunk_indices()
+    assert chunks is stream.conv_chunk_indices()
+    assert torch.equal(chunks, fla_index.prepare_chunk_indices(want_cu, 64))
+
+
 def test_ssd_reference_matches_a_plain_recurrence():
     """The chunked SSD reference (with sequence resets) == the token-by-token Mamba2 recurrence."""
     torch.manual_seed(0)
@@ -239,10 +272,13 @@ def test_check_packed_notices_a_lost_or_altered_example():
         check_packed([{"input_ids": [8, 9], "labels": [-100, 9], "seq_lengths": [2]}], examples)
 
 
-@pytest.mark.parametrize("gemm_kind", ["grouped_mm", "loop"])
-def test_grouped_lora_experts_equal_peft_in_fp32(lora_pair, gemm_kind):
+@pytest.mark.parametrize("gemm_kind, fused_act", [("grouped_mm", False), ("loop", False), ("grouped_mm", True)])
+def test_grouped_lora_experts_equal_peft_in_fp32(lora_pair, gemm_kind, fused_act):
     """The routed experts alone: medlora's grouped LoRA (grouped GEMMs on the routed tokens) against PEFT's
-    target_parameters forward of the same module — output, input gradient and every LoRA factor's gradient."""
+    target_parameters forward of the same module — output, input and routing-weight gradients and every LoRA
+    factor's gradient; also with relu² x routing weight fused (the weight in front of the down projection)."""
+    from medlora import fused
+
     ref_model, _ = lora_pair
     mixer = next(m for m in ref_model.modules() if type(m).__name__ == "NemotronHMoE")
     experts = mixer.experts
@@ -251,19 +287,21 @@ def test_grouped_lora_experts_equal_peft_in_fp32(lora_pair, gemm_kind):
     x = torch.randn(37, width, generator=g, requires_grad=True)
     n_exp, top_k = ref_model.config.n_routed_experts, ref_model.config.num_experts_per_tok
     index = torch.stack([torch.randperm(n_exp, generator=g)[:top_k] for _ in range(37)])
-    weights = torch.rand(37, top_k, generator=g)
+    weights = torch.rand(37, top_k, generator=g, requires_grad=True)
     lora = [p for n, p in experts.named_parameters() if "lora_" in n]
     assert lora, "the experts carry LoRA factors"
+    assert fast.is_relu2(fast._experts_and_lora(experts)[0].act_fn)  # the fused path applies to this model
+    moe = fused.MoeKernels.for_device(False) if fused_act else None
     results = []
     for forward in (lambda: experts(x, index, weights),
-                    lambda: fast.grouped_lora_experts(experts, x, index, weights, gemm_kind)):
-        for p in [x, *lora]:
+                    lambda: fast.grouped_lora_experts(experts, x, index, weights, gemm_kind, moe)):
+        for p in [x, weights, *lora]:
             p.grad = None
         out = forward()
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in lora]))
-    (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
-    assert rel(out, ref_out) < 1e-5 and rel(dx, ref_dx) < 1e-5
+        results.append((out.detach(), x.grad.clone(), weights.grad.clone(), [p.grad.clone() for p in lora]))
+    (ref_out, ref_dx, ref_dw, ref_grads), (out, dx, dw, grads) = results
+    assert rel(out, ref_out) < 1e-5 and rel(dx, ref_dx) < 1e-5 and rel(dw, ref_dw) < 1e-5 and ref_dw.norm() > 0
     assert all(rel(a, b) < 1e-5 and b.norm() > 0 for a, b in zip(grads, ref_grads))
 
 

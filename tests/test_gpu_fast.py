@@ -5,6 +5,8 @@ Stated tolerances (relative error = |a - b| / |b| over the whole tensor):
 * kernels, fp32: conv outputs 1e-4 and gradients 1e-3; the SSD 5e-3 (mamba_ssm's Triton `tl.dot` runs fp32
   inputs in TF32, whatever torch's TF32 flags say: measured 1.5e-3 on an H100); bf16: outputs 2e-2,
   gradients 5e-2.
+* the Triton relu² x routing weight and gather-sum against their references: fp32 1e-6, bf16 1e-2 (outputs and
+  gradients).
 * Triton norms against the eager ones: fp32 1e-5 outputs / 1e-4 gradients, bf16 1e-2 / 2e-2 (measured 2026-12-01,
   H200: fp32 <= 1.4e-7, bf16 <= 3.0e-3: one rounding instead of two).
 * nano-quarter in fp32 (TF32 off): logits 1e-3, loss 1e-4, every LoRA gradient 1e-2.
@@ -57,7 +59,9 @@ def test_triton_conv_and_ssd_match_the_references_across_sequence_boundaries(dty
     x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
     w = (torch.randn(D, W, device="cuda") * 0.5).to(dtype).requires_grad_()
     bias = torch.randn(D, device="cuda", dtype=dtype, requires_grad=True)
-    got = kernels.conv(x.unsqueeze(0), weight=w, bias=bias, activation="silu", cu_seqlens=stream.cu_seqlens.long())[0][0]
+    # as mamba_forward calls it: the stream's host-built chunk table (no sync inside fla)
+    got = kernels.conv(x.unsqueeze(0), weight=w, bias=bias, activation="silu", cu_seqlens=stream.cu_seqlens_long,
+                       cu_seqlens_cpu=stream.cu_seqlens_host, chunk_indices=stream.conv_chunk_indices())[0][0]
     want = fast.conv_reference(x, w, bias, stream)
     go = torch.randn_like(want)
     gx_got, gw_got = torch.autograd.grad(got, (x, w), go)
@@ -70,7 +74,7 @@ def test_triton_conv_and_ssd_match_the_references_across_sequence_boundaries(dty
     C = torch.randn(T, g, n, device="cuda", dtype=dtype, requires_grad=True)
     A, D_skip, dt_bias = -torch.rand(h, device="cuda") - 0.5, torch.randn(h, device="cuda"), torch.randn(h, device="cuda")
     got = kernels.ssd(xs.unsqueeze(0), dt_raw.unsqueeze(0), A, B.unsqueeze(0), C.unsqueeze(0), chunk_size=64, D=D_skip,
-                      dt_bias=dt_bias, seq_idx=stream.seq_id.int().unsqueeze(0), dt_softplus=True,
+                      dt_bias=dt_bias, seq_idx=stream.seq_idx, dt_softplus=True,
                       dt_limit=(0.001, float("inf")))[0]
     dt = torch.nn.functional.softplus(dt_raw.float() + dt_bias).clamp(min=0.001)
     want = fast.ssd_reference(xs.float(), dt, A, B.float().repeat_interleave(h // g, 1),
@@ -116,6 +120,47 @@ def test_triton_norms_match_the_references(dtype, out_tol, grad_tol):
     report(f"norms-{dtype}", **found)
     assert max(v["out"] for v in found.values()) < out_tol, found
     assert max(e for v in found.values() for k, e in v.items() if k != "out") < grad_tol, found
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_triton_moe_kernels_match_the_references(dtype, tol):
+    """Lever fused_moe: the compiled relu² x routing-weight kernel at Nano's widths (1856 routed, 3712 shared)
+    and a small one, row counts that are not multiples of a block, with and without the weight; the gather-sum
+    dispatch / combine with gradients."""
+    from medlora import fast, fused
+
+    kernels, notes = fast.load_kernels(("fused_moe",), "cuda")
+    assert kernels.moe.relu2 is fused.relu2_triton and kernels.moe.gather_sum is fused.gather_sum_triton, notes
+    torch.manual_seed(0)
+    found = {}
+    for rows, width, scaled in [(98377, 1856, True), (16395, 3712, False), (33, 96, True)]:
+        x = torch.randn(rows, width, device="cuda", dtype=dtype)
+        scale = torch.rand(rows, device="cuda") if scaled else None
+        grad = torch.randn_like(x)
+        got, want = [], []
+        for fn, store in ((fused.relu2_triton, got), (fused.relu2_reference, want)):
+            xi = x.clone().requires_grad_()
+            si = scale.clone().requires_grad_() if scaled else None
+            y = fn(xi, si)
+            y.backward(grad)
+            store += [y.detach(), xi.grad] + ([si.grad] if scaled else [])
+        found[f"{rows}x{width}{'-scaled' if scaled else ''}"] = [rel(a, b) for a, b in zip(got, want)]
+    # token order <-> expert order at Nano's routing (6 of 128 experts, 2688 wide) and a small odd one
+    for T, k, d, n_experts in [(16395, 6, 2688, 128), (37, 2, 96, 5)]:
+        index = torch.rand(T, n_experts, device="cuda").topk(k, dim=1).indices
+        order = torch.sort(index.reshape(-1)).indices
+        x = torch.randn(T, d, device="cuda", dtype=dtype)
+        grad = torch.randn_like(x)
+        got, want = [], []
+        for gather_sum, store in ((fused.gather_sum_triton, got), (fused.gather_sum_reference, want)):
+            xi = x.clone().requires_grad_()
+            permutation = fused.Permutation(order, k, gather_sum)
+            y = permutation.combine(permutation.dispatch(xi) * 1.5)
+            y.backward(grad)
+            store += [y.detach(), xi.grad]
+        found[f"permute-{T}x{k}x{d}"] = [rel(a, b) for a, b in zip(got, want)]
+    report(f"moe-kernels-{dtype}", **found)
+    assert max(e for v in found.values() for e in v) < tol, found
 
 
 def _nano(dtype):

@@ -14,7 +14,7 @@ from conftest import ROOT
 from medlora import kernels
 
 SHARED_SDIST = ROOT.parent / "shared" / "gpu" / "sdist" / kernels.MAMBA_SSM_FILE
-LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention")
+LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention")
 
 
 # ---------------------------------------------------------------- which kernel runs where
@@ -30,6 +30,7 @@ def test_gpu_plan_picks_a_grouped_gemm_per_architecture(capability, arch, gemm):
     # everything else is the same on every architecture from sm80 on
     assert plan["mamba_ssd"].kernel.startswith("mamba_ssm Triton") and plan["mamba_conv"].kernel.startswith("fla-core")
     assert plan["attention"].kernel.startswith("torch varlen_attn") and plan["norms"].kernel.startswith("mamba_ssm Triton")
+    assert plan["moe_activation"].kernel.startswith("medlora Triton")
     assert ("forced by --fast_gpu_arch sm80" in plan["moe_grouped_gemm"].reason) == (arch == "sm80")
     assert plan["moe_grouped_gemm"].fallback == (gemm == "per-expert loop")
 
@@ -42,7 +43,9 @@ def test_plan_explains_every_fallback():
     fp32 = kernels.plan_fast(LEVERS, True, (9, 0), "float32")
     assert fp32["attention"].kernel.startswith("SDPA") and "float32" in fp32["attention"].reason
     assert fp32["moe_grouped_gemm"].kernel == "per-expert loop" and "bf16-only" in fp32["moe_grouped_gemm"].reason
+    assert cpu["moe_activation"].kernel.startswith("PyTorch reference") and cpu["moe_activation"].fallback
     off = kernels.plan_fast((), True, (9, 0))
+    assert off["moe_activation"].kernel.startswith("eager") and off["moe_activation"].reason == "lever fused_moe off"
     assert off["mamba_ssd"].reason == "lever triton_mamba off" and not off["mamba_ssd"].fallback
     assert off["moe_lora"].kernel.startswith("PEFT") and off["attention"].reason == "lever varlen_attention off"
     assert off["norms"].kernel == "eager" and off["router"].kernel == "eager" and not off["norms"].fallback
@@ -60,19 +63,33 @@ def test_plan_explains_every_fallback():
 
 
 def test_loop_gemm_equals_grouped_gemm_with_gradients():
-    from medlora.fast import expert_gemm
+    from medlora.fast import expert_gemm, expert_offsets
 
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 1, 0, 7])  # experts without tokens included
+    ids = torch.repeat_interleave(torch.arange(6), counts)
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     w = torch.randn(6, 16, 8, requires_grad=True)
     outs = {}
     for kind in ("grouped_mm", "loop"):
-        out = expert_gemm(kind, counts)(x, w)
+        out = expert_gemm(kind, expert_offsets(ids, 6))(x, w)
         gx, gw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
         outs[kind] = (out, gx, gw)
     for a, b in zip(outs["loop"], outs["grouped_mm"]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts, tokens", [(8, 0), (8, 1), (8, 50), (128, 600), (4, 33)])
+def test_expert_offsets_equal_the_cumulative_bincount_for_any_routing(experts, tokens):
+    from medlora.fast import expert_offsets
+
+    generator = torch.Generator().manual_seed(experts + tokens)
+    for skew in (None, 0, experts - 1):  # uniform, everything on the first expert, everything on the last
+        ids = torch.randint(0, experts, (tokens,), generator=generator) if skew is None else torch.full((tokens,), skew)
+        ids = ids.sort().values
+        want = torch.cumsum(torch.bincount(ids, minlength=experts), 0).to(torch.int32)
+        got = expert_offsets(ids, experts)
+        assert got.dtype == torch.int32 and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- the kernel cache

@@ -343,6 +343,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, the bench needs {need}")
     config = bench_sft_config(args, backend, batch, checkpointing, tempfile.mkdtemp(prefix="medlora-bench-"))
     step_times: list[float] = []
+    step_causes: list[dict[str, Any]] = []  # per step: what can make one step slow (StepCauses)
+    causes = StepCauses(device if cuda else None)
     profile: list[dict[str, Any]] = []
     profile_detail: dict[str, Any] = {}
 
@@ -350,6 +352,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         def on_step_begin(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
+            causes.begin()
             self.profiler = None
             if args.profile and len(step_times) == steps - 1:  # the last step, after the timed ones are settled
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
@@ -360,6 +363,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
+            step_causes.append(causes.end())
             if self.profiler is None:
                 step_times.append(time.perf_counter() - self.t0)
                 return
@@ -372,7 +376,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     before_train = torch.cuda.memory_allocated(device) if cuda else None
-    trainer.train()
+    with causes:
+        trainer.train()
     # sequential sampler, no accumulation: global step i trains examples [i*B*W, (i+1)*B*W), rank r the r-th
     # batch of B among them (accelerate's batch-sampler sharding); padding is per rank's batch
     b = batch
@@ -386,6 +391,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     return {
         "backend": spec, "batch_size": batch, "world_size": world, "load_s": round(load_s, 1),
         "step_times": step_times,
+        "step_causes": step_causes,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
         "timed_from_step": args.bench_warmup_steps,
         "timed_steps": args.bench_steps - (1 if args.profile else 0),
@@ -404,6 +410,54 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
         "backend_report": report,
     }
+
+
+class StepCauses:
+    """What makes one training step slower than its neighbours, counted per step: Python's garbage collector
+    (a full collection walks every tracked object, the model's modules and tensors included), new CUDA memory
+    segments (cudaMalloc synchronises; a batch of a new length can need new blocks), and the allocator's
+    free-and-retry after a failed allocation (near the memory limit)."""
+
+    def __init__(self, device=None):
+        self.device, self.gc_s, self.gc_runs, self.started = device, 0.0, [0, 0, 0], None
+        self.mark: tuple = ()
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.gc_s += time.perf_counter() - self.started
+            self.gc_runs[info["generation"]] += 1
+            self.started = None
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._gc)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._gc)
+
+    def _allocator(self) -> tuple[int, int]:
+        if self.device is None:
+            return 0, 0
+        import torch
+
+        stats = torch.cuda.memory_stats(self.device)
+        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
+
+    def begin(self) -> None:
+        self.mark = (self.gc_s, list(self.gc_runs), *self._allocator())
+
+    def end(self) -> dict[str, Any]:
+        gc_s, runs, mallocs, retries = self.mark
+        now_mallocs, now_retries = self._allocator()
+        return {"gc_s": round(self.gc_s - gc_s, 4),
+                "gc_collections": [a - b for a, b in zip(self.gc_runs, runs)],  # generations 0, 1, 2
+                "cuda_mallocs": now_mallocs - mallocs, "alloc_retries": now_retries - retries}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -465,6 +519,48 @@ def _origin(event) -> str:
     return " / ".join(x for x in (block, f"backward of {node}" if node else None, caller) if x) or "top level"
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def device_idle(events, step_s: float, gap_us: float = 20.0, top: int = 8) -> dict[str, Any]:
+    """Where the GPU waited in the profiled step: every gap of >= `gap_us` between device activities, each
+    blamed on a host sync that ended inside it (the queue drained, the host then had to refill it) or else on
+    the host op running when the device resumed (the host fell behind: launch and Python overhead)."""
+    import bisect
+    import collections
+
+    device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if not device:
+        return {}
+    cpu = [e for e in events if e.device_type.name == "CPU"]
+    syncs = sorted(((e.time_range.end, e) for e in cpu if e.name.startswith(SYNC_CALLS)), key=lambda x: x[0])
+    ops = sorted(((e.time_range.start, e) for e in cpu if e.name.startswith("aten::")), key=lambda x: x[0])
+    sync_ends, op_starts = [t for t, _ in syncs], [t for t, _ in ops]
+    gaps, busy_end = [], device[0][1]
+    for start, end in device[1:]:
+        if start - busy_end >= gap_us:
+            gaps.append((busy_end, start))
+        busy_end = max(busy_end, end)
+    by_cause: dict[str, float] = collections.defaultdict(float)
+    largest = []
+    for a, b in gaps:
+        i = bisect.bisect_left(sync_ends, a - 5.0)
+        if i < len(syncs) and syncs[i][0] <= b:
+            cause = f"after sync: {_origin(syncs[i][1])} / {syncs[i][1].name}"
+        else:
+            j = bisect.bisect_right(op_starts, b) - 1
+            cause = f"host: {_origin(ops[j][1])} / {ops[j][1].name}" if j >= 0 else "host: step start"
+        by_cause[cause] += (b - a) / 1000
+        largest.append({"ms": round((b - a) / 1000, 3), "cause": cause})
+    idle_ms = sum((b - a) for a, b in gaps) / 1000
+    return {"idle_ms": round(idle_ms, 1), "gaps": len(gaps), "gap_threshold_us": gap_us,
+            "outside_first_to_last_kernel_ms": round(step_s * 1000 - (busy_end - device[0][0]) / 1000, 1),
+            "idle_after_sync_ms": round(sum(v for k, v in by_cause.items() if k.startswith("after sync")), 1),
+            "host_syncs": dict(collections.Counter(f"{_origin(e)} / {e.name}" for _, e in syncs).most_common(top)),
+            "idle_by_cause_ms": {k: round(v, 2) for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])[:top]},
+            "largest_gaps": sorted(largest, key=lambda g: -g["ms"])[:top]}
+
+
 def profile_breakdown(profiler, cuda: bool, step_s: float, ops: int = 6, origins: int = 6) -> dict[str, Any]:
     """Totals of the profiled step (ops dispatched, kernels launched, device-busy time against wall time: a step
     whose device is idle much of the time is bound by the host) and, for the ops with the most calls or device
@@ -500,7 +596,8 @@ def profile_breakdown(profiler, cuda: bool, step_s: float, ops: int = 6, origins
                                    "shapes": [f"{shape} x{n}" for shape, n in collections.Counter(
                                        str(e.input_shapes) for e in es).most_common(3)]}
                                   for o, es in ranked]}
-    return {"wall_s": round(step_s, 4), "aten_ops": sum(len(v) for v in by_op.values()),
+    idle = device_idle(list(profiler.events()), step_s) if cuda else {}
+    return {"wall_s": round(step_s, 4), "aten_ops": sum(len(v) for v in by_op.values()), "device_idle": idle,
             "kernels_launched": len(kernels), "device_busy_s": round(busy_us / 1e6, 4),
             "device_busy_share": round(busy_us / 1e6 / step_s, 3) if step_s and cuda else None, "callers": callers}
 
@@ -515,9 +612,11 @@ def timed_steps(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for round_index, run in enumerate(runs):
         start = run["timed_from_step"]
         timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
+        causes = run.get("step_causes", [])[start:]
         for offset, (seconds, tokens) in enumerate(zip(timed, run["tokens_per_step"])):
             steps.append({"s": round(seconds, 4), "round": round_index + 1, "step": start + offset + 1,
-                          "tokens": tokens[0], "padded_tokens": tokens[2]})
+                          "tokens": tokens[0], "padded_tokens": tokens[2],
+                          **(causes[offset] if offset < len(causes) else {})})
     return steps
 
 

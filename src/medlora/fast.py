@@ -38,8 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention", "compile")  # can be switched off
-DEFAULT_LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "varlen_attention")  # `compile`: opt-in (README)
+LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention",
+          "compile")  # each can be switched off
+DEFAULT_LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe",
+                  "varlen_attention")  # `compile`: opt-in (README)
 CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
 from medlora.errors import MedloraError
 from medlora.quant import nf4_weights
@@ -50,7 +52,11 @@ from medlora.quant import nf4_weights
 
 @dataclass
 class Stream:
-    """Where each sequence of a padding-free token stream starts and ends."""
+    """Where each sequence of a padding-free token stream starts and ends.
+
+    Built with the forward's only host syncs (which tokens are real, where sequences start, the longest one): every
+    per-layer index a kernel needs is derived from these once, so no layer waits for the GPU to drain.
+    """
 
     keep: torch.Tensor | None  # flat indices of the real tokens in the (B*L) batch; None when nothing was padded
     seq_id: torch.Tensor  # [T] sequence number of each token
@@ -58,6 +64,31 @@ class Stream:
     cu_seqlens: torch.Tensor  # [N+1] int32
     max_len: int
     shape: tuple[int, int]  # (B, L) of the batch the stream came from
+    cu_seqlens_host: torch.Tensor | None = None  # [N+1] int64 on the CPU
+    _derived: dict = field(default_factory=dict, repr=False)
+
+    def derived(self, name: str, make):
+        """`make()` once per stream (forward and checkpoint recompute share the stream, so every layer does)."""
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
+
+    @property
+    def seq_idx(self) -> torch.Tensor:  # mamba_ssm's SSD layout: [1, T] int32
+        return self.derived("seq_idx", lambda: self.seq_id.to(torch.int32).unsqueeze(0))
+
+    @property
+    def cu_seqlens_long(self) -> torch.Tensor:
+        return self.derived("cu_seqlens_long", lambda: self.cu_seqlens.long())
+
+    def conv_chunk_indices(self, chunk_size: int = 64) -> torch.Tensor:
+        """fla-core's (sequence, chunk) table for its varlen conv, built from the host copy of `cu_seqlens`: left
+        to fla, each conv call would rebuild it with a device-to-host sync (a new `cu_seqlens` tensor each call
+        misses fla's identity cache), three times per Mamba layer per step."""
+        from fla.ops.utils import prepare_chunk_indices
+
+        return self.derived(f"conv_chunks_{chunk_size}", lambda: prepare_chunk_indices(
+            self.cu_seqlens_long, chunk_size, cu_seqlens_cpu=self.cu_seqlens_host))
 
 
 def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, position_ids=None) -> Stream:
@@ -73,10 +104,11 @@ def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, posit
         flat = position_ids.reshape(-1)
         start |= (flat if keep is None else flat[keep]) == 0
     seq_id = torch.cumsum(start.int(), 0) - 1
-    lengths = torch.bincount(seq_id)
-    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-    pos = torch.arange(seq_id.numel(), device=device) - cu[seq_id].long()
-    return Stream(keep, seq_id, pos, cu, int(lengths.max()), (b, length))
+    cu = F.pad(start.nonzero().squeeze(1), (0, 1), value=row.numel())  # sequence starts, then the end
+    cu_host = cu.cpu()
+    max_len = int((cu_host[1:] - cu_host[:-1]).max())
+    pos = torch.arange(seq_id.numel(), device=device) - cu[seq_id]
+    return Stream(keep, seq_id, pos, cu.to(torch.int32), max_len, (b, length), cu_host)
 
 
 # ---------------------------------------------------------------- kernels: loading
@@ -140,6 +172,7 @@ class Kernels:
     varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
     grouped_lora_moe: bool = True
     grouped_gemm: str = "grouped_mm"  # "grouped_mm" (torch / transformers) or "loop" (per expert; sm80, fp32)
+    moe: Any = None  # medlora.fused.MoeKernels (lever fused_moe), or None: the model's act_fn, eager permutes
     rms_norm: Any = None  # the pure functions below (eager, or compiled with `compile`) or the Triton norms
     gated_rms_norm: Any = None
     route: Any = None
@@ -204,6 +237,10 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
     if kernels.plan["attention"].kernel.startswith("torch varlen_attn"):
         kernels.varlen_attention = varlen_attn
     kernels.grouped_gemm = _gemm_kind(kernels.plan)
+    if "fused_moe" in levers:
+        from medlora import fused
+
+        kernels.moe = fused.MoeKernels.for_device(kernels.plan["moe_activation"].kernel.startswith("medlora Triton"))
     if kernels.plan["norms"].kernel.startswith("mamba_ssm"):
         kernels.rms_norm, kernels.gated_rms_norm = triton_norms(loaded)
     elif kernels.plan["norms"].kernel.startswith("torch.compile"):
@@ -326,7 +363,8 @@ def mamba_forward(mixer, x: torch.Tensor, stream: Stream, kernels: Kernels) -> t
     weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
     if kernels.conv is not None:
         xbc = kernels.conv(xbc.contiguous().unsqueeze(0), weight=weight, bias=bias, activation="silu",
-                           cu_seqlens=stream.cu_seqlens.long())[0].squeeze(0)
+                           cu_seqlens=stream.cu_seqlens_long, cu_seqlens_cpu=stream.cu_seqlens_host,
+                           chunk_indices=stream.conv_chunk_indices())[0].squeeze(0)
     else:
         xbc = conv_reference(xbc, weight.to(xbc.dtype), None if bias is None else bias.to(xbc.dtype), stream)
     h, p, g, n = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
@@ -335,7 +373,7 @@ def mamba_forward(mixer, x: torch.Tensor, stream: Stream, kernels: Kernels) -> t
     if kernels.ssd is not None:
         y = kernels.ssd(xs.reshape(1, T, h, p), dt.unsqueeze(0), A, B.reshape(1, T, g, n), C.reshape(1, T, g, n),
                         chunk_size=mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias,
-                        seq_idx=stream.seq_id.to(torch.int32).unsqueeze(0), dt_softplus=True,
+                        seq_idx=stream.seq_idx, dt_softplus=True,
                         dt_limit=mixer.time_step_limit).squeeze(0)
     else:
         dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype)).clamp(*mixer.time_step_limit).float()
@@ -384,8 +422,18 @@ def _experts_and_lora(module):
     return module, lora
 
 
-def expert_gemm(kind: str, counts: torch.Tensor):
-    """`gemm(inputs [S, in] sorted by expert, weight [E, in, out]) -> [S, out]` for one MoE layer's routing.
+def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int32: where each expert's rows end among the routed rows sorted by expert (`_grouped_mm`'s `offs`).
+
+    A binary search of the sorted ids, on the device: `torch.bincount` on CUDA reads the ids' min and max on the
+    host (two syncs per MoE layer per forward, the GPU drained each time)."""
+    bounds = torch.arange(num_experts, device=sorted_expert_ids.device, dtype=sorted_expert_ids.dtype)
+    return torch.searchsorted(sorted_expert_ids, bounds, right=True).to(torch.int32)
+
+
+def expert_gemm(kind: str, offsets: torch.Tensor):
+    """`gemm(inputs [S, in] sorted by expert, weight [E, in, out]) -> [S, out]` for one MoE layer's routing,
+    `offsets` as `expert_offsets` gives them.
 
     "grouped_mm": transformers' `_grouped_mm` (torch's CUTLASS grouped GEMM on sm90/sm100, its CPU kernel on
     CPUs). "loop": one GEMM per expert that has tokens; the token counts are copied to the host once here and
@@ -397,7 +445,7 @@ def expert_gemm(kind: str, counts: torch.Tensor):
     weights upcast to fp32 on every call). transformers' own grouped_mm path casts the same way.
     """
     if kind == "loop":
-        sizes = counts.tolist()  # the layer's one device-to-host sync
+        sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # the layer's one device-to-host sync
         used = [e for e, n in enumerate(sizes) if n]
 
         def gemm(inputs, weight):
@@ -407,23 +455,31 @@ def expert_gemm(kind: str, counts: torch.Tensor):
         return gemm
     from transformers.integrations.moe import _grouped_mm
 
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-
     def gemm(inputs, weight):
         return _grouped_mm(inputs.to(weight.dtype), weight, offsets)
 
     return gemm
 
 
+def is_relu2(act_fn) -> bool:
+    return type(act_fn).__name__ == "ReLUSquaredActivation"
+
+
 def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor, gemm_kind: str = "grouped_mm") -> torch.Tensor:
-    """Routed experts with LoRA as grouped low-rank products on the routed tokens only."""
+                         top_k_weights: torch.Tensor, gemm_kind: str = "grouped_mm", moe=None) -> torch.Tensor:
+    """Routed experts with LoRA as grouped low-rank products on the routed tokens only.
+
+    moe: `medlora.fused.MoeKernels` (lever fused_moe): tokens to expert order and back by one gather-sum each way,
+    and, when the experts' activation is relu² (Nemotron-H), relu² x routing weight in one pass: the weight then
+    scales the down projection's input instead of its output (the projection is linear)."""
+    from medlora.fused import Permutation
+
     experts, lora = _experts_and_lora(experts_module)
     k = top_k_index.shape[1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
-    token = order // k
-    routed = x[token]
-    gemm = expert_gemm(gemm_kind, torch.bincount(expert_ids, minlength=experts.num_experts))
+    permutation = Permutation(order, k, moe.gather_sum) if moe is not None else None
+    routed = permutation.dispatch(x) if permutation is not None else x[order // k]
+    gemm = expert_gemm(gemm_kind, expert_offsets(expert_ids, experts.num_experts))
 
     nf4 = nf4_weights(experts)  # --load_in_4bit: the experts are NF4 (medlora.quant), dequantised per GEMM
 
@@ -435,15 +491,25 @@ def grouped_lora_experts(experts_module, x: torch.Tensor, top_k_index: torch.Ten
         if name in lora:
             lhs, rhs, scale = lora[name]  # delta_e = scale * lhs_e @ rhs_e: lhs [E, out, r], rhs [E, r, in]
             low = gemm(inputs, rhs.transpose(1, 2).contiguous())
-            out = out + scale * gemm(low, lhs.transpose(1, 2).contiguous())
+            # the scale on the small factor, not on the [S, out] product: one pass over the routed rows fewer,
+            # forward and backward (exact for the usual alpha = 2r; one rounding of the factor otherwise)
+            out = out + gemm(low, (lhs.transpose(1, 2) * scale).contiguous())
         return out
 
-    hidden = experts.act_fn(project(routed, "up_proj"))
-    out = project(hidden, "down_proj") * top_k_weights.reshape(-1)[order, None].to(hidden.dtype)
+    weights = top_k_weights.reshape(-1)[order]
+    if moe is not None and is_relu2(experts.act_fn):
+        out = project(moe.relu2(project(routed, "up_proj"), weights), "down_proj")
+    else:
+        hidden = experts.act_fn(project(routed, "up_proj"))
+        out = project(hidden, "down_proj") * weights[:, None].to(hidden.dtype)
+    if permutation is not None:
+        return permutation.combine(out).to(x.dtype)
     # back to token order by the inverse permutation (a copy, no atomics), then each token's k outputs summed
-    # (fp32 accumulation inside `sum`, one rounding) — as transformers' grouped_mm experts combine them
+    # (fp32 accumulation inside `sum`, one rounding) — as transformers' grouped_mm experts combine them. Outside
+    # autocast, which would run the sum in fp32 and write an fp32 [tokens, hidden] copy to cast back.
     by_slot = torch.empty_like(out).index_copy_(0, order, out)
-    return by_slot.view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return by_slot.view(x.shape[0], k, -1).sum(dim=1).to(x.dtype)
 
 
 def route_quantized_experts(model) -> int:
@@ -477,10 +543,16 @@ def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     latent = mixer.fc1_latent_proj(x)
     if kernels.grouped_lora_moe:
         with torch.profiler.record_function("medlora.moe.routed_experts"):
-            routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights, kernels.grouped_gemm)
+            routed = grouped_lora_experts(mixer.experts, latent, top_k_index, top_k_weights, kernels.grouped_gemm,
+                                          kernels.moe)
     else:
         routed = mixer.experts(latent, top_k_index, top_k_weights)
-    return mixer.fc2_latent_proj(routed) + mixer.shared_experts(x)
+    shared = mixer.shared_experts
+    if kernels.moe is not None and is_relu2(shared.act_fn):  # NemotronHMLP: down(act(up(x))), LoRA on both
+        shared_out = shared.down_proj(kernels.moe.relu2(shared.up_proj(x)))
+    else:
+        shared_out = shared(x)
+    return mixer.fc2_latent_proj(routed) + shared_out
 
 
 BLOCK_KIND = {"linear_attention": "mamba", "full_attention": "attention", "moe": "moe", "mlp": "mlp"}

@@ -286,6 +286,15 @@ def plan_fast(levers: tuple[str, ...], cuda: bool, capability: tuple[int, int] |
                         if "grouped_lora_moe" in levers else
                         Choice("moe_lora", "PEFT target_parameters (W + BA for every expert)",
                                "lever grouped_lora_moe off"))
+    if "fused_moe" not in levers:
+        plan["moe_activation"] = Choice("moe_activation", "eager relu² (fp32 under autocast), routing weight on the "
+                                        "output", "lever fused_moe off")
+    elif not cuda:
+        plan["moe_activation"] = Choice("moe_activation", "PyTorch reference relu² x routing weight (model dtype)",
+                                        where + ": the Triton kernel needs a GPU", True)
+    else:
+        plan["moe_activation"] = Choice("moe_activation", "medlora Triton relu² x routing weight (one pass each way)",
+                                        "Triton, sm80 and newer")
     compiled = "torch.compile(dynamic=True)"
     if "triton_norms" not in levers:
         plan["norms"] = (Choice("norms", compiled, "lever triton_norms off, lever compile on")
