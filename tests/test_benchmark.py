@@ -12,7 +12,8 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     from conftest import SAMPLE, run_cli
 
     proc = run_cli(["bench", "--model_spec", "tiny", "--backends", "hf", "fast", "fast[none]", "fast+nf4",
-                    "--backend_batch_size", "fast=8", "fast[none]=8", "--per_device_train_batch_size", "4",
+                    "--backend_batch_size", "fast=8", "fast[none]=8", "fast+nf4=26",
+                    "--per_device_train_batch_size", "4",
                     "--bench_steps", "2", "--bench_warmup_steps", "1", "--rounds", "1", "--optim", "adamw_torch",
                     "--data_path", str(SAMPLE), "--results_dir", str(tmp_path / "results"),
                     "--model_cache_dir", str(tmp_path / "models"), "--include_explanation", "true"])
@@ -32,6 +33,9 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     assert out["config"]["bench"]["include_explanation"] is True  # the longer samples of the real recipe
     assert by["hf"]["mean_tokens_per_sample"] > 1.5 * _mean_tokens_without_explanation(tmp_path / "models", 8)
     assert (by["hf"]["batch_size"], by["fast"]["batch_size"]) == (4, 8)
+    # 3 steps of 26 from the 72-question sample: the last batch repeats examples, and the JSON says how many
+    assert by["fast+nf4"]["examples_reused"] == 3 * 26 - 72 and by["fast"]["examples_reused"] == 0
+    assert "are used a second time" in proc.stdout
     assert by["hf"]["speedup_vs_hf"] == 1.0 and by["fast"]["speedup_vs_hf"] > 0
     assert by["fast[none]"]["backend_report"]["levers"] == []
     assert by["fast"]["backend_report"]["levers"] == list(fast.DEFAULT_LEVERS)  # the levers `train` runs
@@ -44,9 +48,10 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     # every timed step is kept, with its tokens, so an outlier can be traced afterwards
     assert len(by["fast"]["steps"]) == step["n"] and max(x["s"] for x in by["fast"]["steps"]) == step["max"]
     assert all(x["padded_tokens"] >= x["tokens"] > 0 for x in by["fast"]["steps"])
-    # and what can make a step slow, per step: collector pauses, new CUDA segments (none on a CPU)
+    # and what can make a step slow, per step: collector pauses, new CUDA segments (none on a CPU); the model and
+    # data are frozen out of the collector's reach while training (a full collection would walk them)
     assert all(x["gc_s"] >= 0 and len(x["gc_collections"]) == 3 and x["cuda_mallocs"] == 0
-               for x in by["fast"]["steps"])
+               and x["gc_frozen_objects"] > 10_000 for x in by["fast"]["steps"])
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
 
@@ -205,7 +210,8 @@ def test_backends_are_parsed_once_into_one_object():
     assert Backend.parse("fast") == Backend("fast", fast.DEFAULT_LEVERS)  # what `train --backend fast` runs
     no_norms = Backend.parse("fast[-triton_norms]")  # a lever table's "each off alone" row
     assert no_norms.levers == tuple(lv for lv in fast.DEFAULT_LEVERS if lv != "triton_norms") and no_norms.levers
-    assert Backend.parse("fast[-triton_norms-varlen_attention]").levers == ("triton_mamba", "grouped_lora_moe")
+    assert Backend.parse("fast[-triton_norms-varlen_attention]").levers == ("triton_mamba", "grouped_lora_moe",
+                                                                           "fused_moe")
     assert Backend.parse("fast[none]").levers == () and Backend.parse("fast[compile]@sm80").gpu_arch == "sm80"
     hf_triton = Backend.parse("hf+triton")
     assert hf_triton.is_plain_hf and hf_triton.triton_mamba_ops and hf_triton.needs_cuda

@@ -36,7 +36,8 @@ for dtype in (torch.float32, torch.bfloat16):
             y = fn(xi, si)
             y.backward(grad)
             store.update(y=y.detach(), dx=xi.grad, ds=si.grad if scaled else None, dtype=y.dtype, shape=y.shape)
-        out.append({"dtype": str(dtype), "shape": list(shape), "scaled": scaled, "same_dtype": got["dtype"] == want["dtype"],
+        out.append({"dtype": str(dtype), "shape": list(shape), "scaled": scaled,
+                    "same_dtype": got["dtype"] == want["dtype"],
                     "same_shape": got["shape"] == want["shape"], "y": rel(got["y"], want["y"]),
                     "dx": rel(got["dx"], want["dx"]), "ds": rel(got["ds"], want["ds"]) if scaled else 0.0})
 # dispatch / combine: the Triton gather-sum against eager indexing (x[token], index_copy + sum), with gradients

@@ -338,9 +338,13 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     need = steps * batch * world  # a global step takes `batch` examples on every rank
     dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain", include_explanation=args.include_explanation),
                                        args.max_length, "bench")
-    dataset = dataset.select(range(min(need, len(dataset))))
-    if len(dataset) < need:
-        raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, the bench needs {need}")
+    reused = max(0, need - len(dataset))
+    if len(dataset) < batch * world:
+        raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, one bench step needs {batch * world}")
+    if reused:  # e.g. b192 x 26 steps on MedMCQA dev (4,183): later steps repeat earlier batches, shapes included
+        print(f"bench: {args.data_path} has {len(dataset)} usable examples for {steps} steps of {batch * world}: "
+              f"{reused} examples are used a second time", flush=True)
+    dataset = dataset.select([i % len(dataset) for i in range(need)])
     config = bench_sft_config(args, backend, batch, checkpointing, tempfile.mkdtemp(prefix="medlora-bench-"))
     step_times: list[float] = []
     step_causes: list[dict[str, Any]] = []  # per step: what can make one step slow (StepCauses)
@@ -406,6 +410,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "flops_per_token": flops_per_token(model, statistics.fmean(lengths)),
         "flops_per_token_lora": flops_per_token(model, statistics.fmean(lengths), "lora"),
         "too_long_left_out": len(too_long),
+        "examples_reused": reused,
         "gradient_checkpointing": "unsloth" if backend.is_unsloth and checkpointing
         else "+".join(checkpointing) if isinstance(checkpointing, tuple) else checkpointing,
         "backend_report": report,
@@ -455,8 +460,11 @@ class StepCauses:
     def end(self) -> dict[str, Any]:
         gc_s, runs, mallocs, retries = self.mark
         now_mallocs, now_retries = self._allocator()
+        import gc
+
         return {"gc_s": round(self.gc_s - gc_s, 4),
                 "gc_collections": [a - b for a, b in zip(self.gc_runs, runs)],  # generations 0, 1, 2
+                "gc_frozen_objects": gc.get_freeze_count(),  # out of the collector's reach (the trainer's train)
                 "cuda_mallocs": now_mallocs - mallocs, "alloc_retries": now_retries - retries}
 
 
@@ -667,6 +675,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "mean_tokens_per_sample": round(first["mean_tokens_per_sample"], 1),
         "epoch_hours_medmcqa_train": round(MEDMCQA_TRAIN_QUESTIONS / samples_per_s / 3600, 2),
         "trainable_params": first["trainable_params"],
+        "examples_reused": first.get("examples_reused", 0),  # the data had fewer examples than steps x batch
         "params": first["params"],
         "load_s": [r["load_s"] for r in runs],
         "gradient_checkpointing": first["gradient_checkpointing"],

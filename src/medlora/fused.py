@@ -39,7 +39,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
 if triton is not None:
-    @triton.jit
+    # Row and token counts change with every batch: not specialised on (Triton would compile a new variant the
+    # first time a count is a multiple of 16: a one-off slow step in each new process). Widths are fixed.
+    @triton.jit(do_not_specialize=["M"])
     def _relu2_forward_kernel(X, S, Y, M, N, HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -51,7 +53,7 @@ if triton is not None:
             y = y * tl.load(S + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _relu2_backward_kernel(X, S, G, DX, DS, M, N: tl.constexpr, HAS_SCALE: tl.constexpr, BM: tl.constexpr,
                                BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -71,7 +73,7 @@ if triton is not None:
         if HAS_SCALE:
             tl.store(DS + rows, total, mask=row_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _gather_sum_kernel(SRC, INV, Y, T, D, K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
         tokens = tl.program_id(0) * BT + tl.arange(0, BT)
         cols = tl.program_id(1) * BD + tl.arange(0, BD)

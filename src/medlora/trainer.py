@@ -82,6 +82,20 @@ class MedloraSFTTrainer(SFTTrainer):
             if hasattr(callback, "bind"):
                 callback.bind(self)
 
+    def train(self, *args, **kwargs):
+        """TRL's train with every object that exists when it starts (model, tokenizer, datasets) moved out of the
+        garbage collector's reach (`gc.freeze`): a full collection otherwise walks all of them, and on a nano-full
+        bench an H200 step with one took 0.39-0.45 s longer than its neighbours. Objects made while training are
+        still collected; `gc.unfreeze` hands the rest back at the end."""
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
     def create_model_card(self, *args, **kwargs):
         """No TRL README.md: medlora writes MODEL_CARD.md itself, and never a file it was not asked to."""
 
