@@ -126,10 +126,18 @@ def test_stream_layout_for_every_kind_of_batch(layout):
     assert torch.equal(stream.pos, torch.cat([torch.arange(n) for n in lengths]))
     assert stream.seq_idx.shape == (1, sum(lengths)) and stream.seq_idx.dtype == torch.int32
     assert stream.seq_idx is stream.seq_idx  # built once, shared by every layer and the recompute
-    fla_index = pytest.importorskip("fla.ops.utils")  # the Triton conv's chunk table (extra `fast`)
+
+
+def test_stream_builds_fla_conv_chunk_table_once_from_the_host_copy():
+    """The Triton conv's (sequence, chunk) table (extra `fast`): equal to fla's own, built once per stream."""
+    fla_index = pytest.importorskip("fla.ops.utils")
+    lengths = [130, 1, 64, 65, 200]
+    mask = torch.stack([torch.arange(200) < n for n in lengths]).long()
+    stream = fast.make_stream((len(lengths), 200), "cpu", mask)
     chunks = stream.conv_chunk_indices()
     assert chunks is stream.conv_chunk_indices()
-    assert torch.equal(chunks, fla_index.prepare_chunk_indices(want_cu, 64))
+    want = fla_index.prepare_chunk_indices(torch.cumsum(torch.tensor([0] + lengths), 0), 64)
+    assert torch.equal(chunks, want) and len(chunks) == 3 + 1 + 1 + 2 + 4
 
 
 def test_ssd_reference_matches_a_plain_recurrence():
