@@ -18,6 +18,7 @@ Peak: 989 TFLOP/s dense bf16 for H100/H200 SXM, 312 for A100.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -323,8 +324,6 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     from transformers import TrainerCallback
 
     from medlora import runinfo
-    from medlora.data import load_medmcqa, tokenize_rows
-    from medlora.formatting import FormatOptions
     from medlora.trainer import build_trainer
 
     cuda = torch.cuda.is_available()
@@ -333,18 +332,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     started = time.time()
     model, tokenizer, report = bench_model(args, backend, lora, checkpointing, device)
     load_s = time.time() - started
-    rows, _ = load_medmcqa(args.data_path, evaluation=True)
     steps = args.bench_warmup_steps + args.bench_steps
-    need = steps * batch * world  # a global step takes `batch` examples on every rank
-    dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer, FormatOptions("plain", include_explanation=args.include_explanation),
-                                       args.max_length, "bench")
-    reused = max(0, need - len(dataset))
-    if len(dataset) < batch * world:
-        raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, one bench step needs {batch * world}")
-    if reused:  # e.g. b192 x 26 steps on MedMCQA dev (4,183): later steps repeat earlier batches, shapes included
-        print(f"bench: {args.data_path} has {len(dataset)} usable examples for {steps} steps of {batch * world}: "
-              f"{reused} examples are used a second time", flush=True)
-    dataset = dataset.select([i % len(dataset) for i in range(need)])
+    dataset, too_long, reused = bench_dataset(args, tokenizer, steps, batch * world)
     config = bench_sft_config(args, backend, batch, checkpointing, tempfile.mkdtemp(prefix="medlora-bench-"))
     step_times: list[float] = []
     step_causes: list[dict[str, Any]] = []  # per step: what can make one step slow (StepCauses)
@@ -417,6 +406,26 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     }
 
 
+def bench_dataset(args: BenchArguments, tokenizer, steps: int, step_examples: int):
+    """(tokenised dataset of exactly steps x step_examples examples, questions left out as too long, examples
+    used twice): a global step takes `batch` examples on every rank; data shorter than that is cycled."""
+    from medlora.data import load_medmcqa, tokenize_rows
+    from medlora.formatting import FormatOptions
+
+    rows, _ = load_medmcqa(args.data_path, evaluation=True)
+    need = steps * step_examples
+    dataset, too_long = tokenize_rows(rows[: need + 200], tokenizer,
+                                      FormatOptions("plain", include_explanation=args.include_explanation),
+                                      args.max_length, "bench")
+    if len(dataset) < step_examples:
+        raise MedloraError(f"{args.data_path}: {len(dataset)} usable examples, one bench step needs {step_examples}")
+    reused = max(0, need - len(dataset))
+    if reused:  # e.g. b192 x 26 steps on MedMCQA dev (4,183): later steps repeat earlier batches, shapes included
+        print(f"bench: {args.data_path} has {len(dataset)} usable examples for {steps} steps of {step_examples}: "
+              f"{reused} examples are used a second time", flush=True)
+    return dataset.select([i % len(dataset) for i in range(need)]), too_long, reused
+
+
 class StepCauses:
     """What makes one training step slower than its neighbours, counted per step: Python's garbage collector
     (a full collection walks every tracked object, the model's modules and tensors included), new CUDA memory
@@ -436,14 +445,10 @@ class StepCauses:
             self.started = None
 
     def __enter__(self):
-        import gc
-
         gc.callbacks.append(self._gc)
         return self
 
     def __exit__(self, *exc):
-        import gc
-
         gc.callbacks.remove(self._gc)
 
     def _allocator(self) -> tuple[int, int]:
@@ -460,8 +465,6 @@ class StepCauses:
     def end(self) -> dict[str, Any]:
         gc_s, runs, mallocs, retries = self.mark
         now_mallocs, now_retries = self._allocator()
-        import gc
-
         return {"gc_s": round(self.gc_s - gc_s, 4),
                 "gc_collections": [a - b for a, b in zip(self.gc_runs, runs)],  # generations 0, 1, 2
                 "gc_frozen_objects": gc.get_freeze_count(),  # out of the collector's reach (the trainer's train)
@@ -483,10 +486,12 @@ def memory_breakdown(model, optimizer, before_train: int | None, peak: int | Non
     parameters, their gradients (one per trainable value, in its dtype), the optimizer's state, all counted from
     the tensors themselves; on a GPU also what was allocated before the first step and the rest of the peak
     (activations, checkpoint recomputes, transient dequantised experts, allocator blocks)."""
+    from medlora.quant import is_4bit
+
     gib = 2**-30
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    frozen += [p.quant_state.absmax for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    frozen += [p.quant_state.absmax for p in model.parameters() if is_4bit(p)]
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
     state = [v for per_param in getattr(inner, "state", {}).values() for v in per_param.values()
              if hasattr(v, "untyped_storage")]

@@ -135,10 +135,14 @@ def _quantize_projection(experts, proj: str, weight: torch.Tensor) -> None:
 LINEAR_SKIP = ("lm_head",)  # as BitsAndBytesConfig: the LM head stays in bf16
 
 
+def is_4bit(param) -> bool:
+    """A bitsandbytes Params4bit (`quantize_linears`): packed NF4 bytes, its shape and absmax in `quant_state`."""
+    return getattr(param, "quant_state", None) is not None
+
+
 def logical_numel(param) -> int:
     """Values a parameter stands for: a bitsandbytes Params4bit holds two a byte (its quant_state has the shape)."""
-    state = getattr(param, "quant_state", None)
-    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+    return int(torch.Size(param.quant_state.shape).numel()) if is_4bit(param) else param.numel()
 
 
 def quantize_linears(model, skip: tuple[str, ...] = LINEAR_SKIP) -> dict[str, Any]:
@@ -186,7 +190,7 @@ def weights_by_dtype(model) -> dict[str, int]:
         if id(param) in quantised_placeholders:
             continue
         key, n = str(param.dtype).replace("torch.", ""), logical_numel(param)
-        if getattr(param, "quant_state", None) is not None:
+        if is_4bit(param):
             key = "nf4 (nn.Linear)"
         elif "lora_" in name:
             key = f"{key} (LoRA)"
