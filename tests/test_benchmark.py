@@ -51,7 +51,9 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     # and what can make a step slow, per step: collector pauses, new CUDA segments (none on a CPU); the model and
     # data are frozen out of the collector's reach while training (a full collection would walk them)
     assert all(x["gc_s"] >= 0 and len(x["gc_collections"]) == 3 and x["cuda_mallocs"] == 0
-               and x["gc_frozen_objects"] > 10_000 for x in by["fast"]["steps"])
+               and x["gc_frozen_objects"] > 10_000 and x["triton_compiles"] == 0 for x in by["fast"]["steps"])
+    assert step["max_over_median"] == round(step["max"] / step["median"], 3)
+    assert by["fast"]["warmup_triton_compiles"] == [0]  # CPU: the PyTorch references, no Triton kernel
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
 
@@ -331,4 +333,47 @@ def test_step_causes_count_collector_pauses_per_step():
     assert quiet["gc_collections"] == [0, 0, 0] or quiet["gc_s"] < 0.05  # a background collection may land
     assert collected["gc_collections"][2] >= 1 and collected["gc_s"] > 0
     assert collected["cuda_mallocs"] == collected["alloc_retries"] == 0
+    assert quiet["triton_compiles"] == collected["triton_compiles"] == 0
     assert causes._gc not in gc.callbacks  # removed on exit
+
+
+def test_step_causes_count_triton_compiles_and_keep_other_hooks():
+    """Triton calls jit_cache_hook before and jit_post_compile_hook after every in-process build of a kernel
+    variant (no GPU here, so the hooks are called as Triton's JITFunction._call_hook calls them): each step
+    counts its own builds, a hook installed before the bench still runs and may still skip a compile, and the
+    hooks are put back on exit."""
+    from types import SimpleNamespace
+
+    from medlora.benchmark import StepCauses
+
+    knobs = pytest.importorskip("triton").knobs
+    seen = []
+    theirs = (lambda **h: seen.append(("cache", h["fn"].name)) or False,
+              lambda **h: seen.append(("post", h["fn"].name)))
+    saved = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = theirs
+    try:
+        def build(name):  # what JITFunction._do_compile does around a compile
+            info = dict(key="k", repr=name, fn=SimpleNamespace(name=name), compile={}, is_manual_warmup=False,
+                        already_compiled=False)
+            if not knobs.runtime.jit_cache_hook(**info):
+                knobs.runtime.jit_post_compile_hook(**info)
+
+        with StepCauses() as causes:
+            causes.begin()
+            quiet = causes.end()
+            causes.begin()
+            build("_relu2_fwd")
+            build("_chunk_scan_fwd_kernel")
+            build("_relu2_fwd")
+            busy = causes.end()
+            causes.begin()
+            step3 = causes.end()
+        assert quiet["triton_compiles"] == step3["triton_compiles"] == 0 and step3["triton_kernels"] == []
+        assert busy["triton_compiles"] == 3 and busy["triton_compile_s"] >= 0
+        assert busy["triton_kernels"] == ["_chunk_scan_fwd_kernel", "_relu2_fwd"]
+        assert seen == [("cache", "_relu2_fwd"), ("post", "_relu2_fwd"), ("cache", "_chunk_scan_fwd_kernel"),
+                        ("post", "_chunk_scan_fwd_kernel"), ("cache", "_relu2_fwd"), ("post", "_relu2_fwd")]
+        assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == theirs  # put back
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved

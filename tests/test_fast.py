@@ -99,9 +99,11 @@ def test_packing_without_boundaries_would_leak(lora_pair):
     assert rel(joined, alone) > 1e-2
 
 
+@pytest.mark.parametrize("multiple", [1, 16])
 @pytest.mark.parametrize("layout", ["no padding", "right padding", "left padding", "packed rows", "one token rows"])
-def test_stream_layout_for_every_kind_of_batch(layout):
-    """cu_seqlens (device and host copy), max_len, seq_id and pos agree with the rows' real lengths."""
+def test_stream_layout_for_every_kind_of_batch(layout, multiple):
+    """cu_seqlens (device and host copy), max_len, seq_id and pos agree with the rows' real lengths; padded to a
+    multiple, the pad rows are one more sequence after them."""
     torch.manual_seed(0)
     b, length = 4, 9
     mask = position_ids = None
@@ -117,7 +119,10 @@ def test_stream_layout_for_every_kind_of_batch(layout):
         lengths = [n for row in pieces for n in row]
     else:
         b, length, lengths = 5, 1, [1] * 5
-    stream = fast.make_stream((b, length), "cpu", mask, position_ids)
+    stream = fast.make_stream((b, length), "cpu", mask, position_ids, multiple)
+    real, pad = sum(lengths), -sum(lengths) % multiple
+    assert stream.tokens == real and stream.pad == pad and (real + pad) % multiple == 0
+    lengths = lengths + ([pad] if pad else [])
     want_cu = torch.cumsum(torch.tensor([0] + lengths), 0)
     assert stream.cu_seqlens.dtype == torch.int32 and torch.equal(stream.cu_seqlens.long(), want_cu)
     assert torch.equal(stream.cu_seqlens_host, want_cu) and stream.cu_seqlens_host.device.type == "cpu"
@@ -126,6 +131,30 @@ def test_stream_layout_for_every_kind_of_batch(layout):
     assert torch.equal(stream.pos, torch.cat([torch.arange(n) for n in lengths]))
     assert stream.seq_idx.shape == (1, sum(lengths)) and stream.seq_idx.dtype == torch.int32
     assert stream.seq_idx is stream.seq_idx  # built once, shared by every layer and the recompute
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_stream_padded_to_16_tokens_changes_no_logit_or_gradient(lora_pair, monkeypatch, packed):
+    """Every kernel sees a multiple of 16 rows (one Triton specialisation for every batch), and the pad rows
+    change nothing: logits and every LoRA gradient equal those of the unpadded stream."""
+    _, fst = lora_pair
+    seqs, ids, mask, labels = batch([70, 45, 90] if not packed else [40, 75, 33], seed=3)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if packed:  # TRL padding-free rows: no attention mask, position_ids restart (the stream keeps every token)
+        inputs = dict(input_ids=torch.cat(seqs)[None], labels=torch.cat(seqs)[None],
+                      position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None])
+    assert sum(map(len, seqs)) % 16  # the stream needs pad rows
+    kernels, rows = fast.backbone_of(fst)._medlora_kernels, []
+    norm = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, *a: rows.append(x.shape[0]) or norm(x, *a))
+    padded, g_padded = run(fst, **inputs)
+    assert rows and all(n % 16 == 0 for n in rows) and max(rows) == sum(map(len, seqs)) + -sum(map(len, seqs)) % 16
+    monkeypatch.setattr(fast, "STREAM_MULTIPLE", 1)
+    plain, g_plain = run(fst, **inputs)
+    assert rel(padded.logits, plain.logits) < 1e-6 and abs(padded.loss.item() - plain.loss.item()) < 1e-6
+    assert set(g_padded) == set(g_plain) and g_plain
+    for name, g in g_plain.items():
+        assert rel(g_padded[name], g) < 1e-5, name
 
 
 def test_stream_builds_fla_conv_chunk_table_once_from_the_host_copy():

@@ -429,12 +429,16 @@ def bench_dataset(args: BenchArguments, tokenizer, steps: int, step_examples: in
 class StepCauses:
     """What makes one training step slower than its neighbours, counted per step: Python's garbage collector
     (a full collection walks every tracked object, the model's modules and tensors included), new CUDA memory
-    segments (cudaMalloc synchronises; a batch of a new length can need new blocks), and the allocator's
-    free-and-retry after a failed allocation (near the memory limit)."""
+    segments (cudaMalloc synchronises; a batch of a new length can need new blocks), the allocator's
+    free-and-retry after a failed allocation (near the memory limit), and Triton kernels compiled or loaded from
+    the disk cache during the step (a new integer specialisation or autotuning key: a new variant mid-run).
+    Triton's hooks see kernels launched through `triton.jit` (mamba_ssm, fla, medlora), not inductor's."""
 
     def __init__(self, device=None):
         self.device, self.gc_s, self.gc_runs, self.started = device, 0.0, [0, 0, 0], None
         self.mark: tuple = ()
+        self.compiles: list[tuple[str, float]] = []  # (kernel, seconds) in the order Triton built them
+        self._knobs, self._hooks, self._compile_started = None, (None, None), None
 
     def _gc(self, phase, info):
         if phase == "start":
@@ -444,12 +448,32 @@ class StepCauses:
             self.gc_runs[info["generation"]] += 1
             self.started = None
 
+    def _triton_before(self, **hook):  # Triton's jit_cache_hook: a truthy return would skip the compile
+        self._compile_started = time.perf_counter()
+        return self._hooks[0](**hook) if self._hooks[0] else None
+
+    def _triton_after(self, **hook):  # jit_post_compile_hook
+        began = self._compile_started if self._compile_started is not None else time.perf_counter()
+        self.compiles.append((hook["fn"].name, time.perf_counter() - began))
+        self._compile_started = None
+        return self._hooks[1](**hook) if self._hooks[1] else None
+
     def __enter__(self):
         gc.callbacks.append(self._gc)
+        try:
+            from triton import knobs
+        except ImportError:  # CPU installs without Triton: nothing to count
+            return self
+        self._knobs, runtime = knobs, knobs.runtime
+        self._hooks = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)  # chained, put back on exit
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._triton_before, self._triton_after
         return self
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._gc)
+        if self._knobs is not None:
+            self._knobs.runtime.jit_cache_hook, self._knobs.runtime.jit_post_compile_hook = self._hooks
+            self._knobs = None
 
     def _allocator(self) -> tuple[int, int]:
         if self.device is None:
@@ -460,15 +484,18 @@ class StepCauses:
         return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
     def begin(self) -> None:
-        self.mark = (self.gc_s, list(self.gc_runs), *self._allocator())
+        self.mark = (self.gc_s, list(self.gc_runs), *self._allocator(), len(self.compiles))
 
     def end(self) -> dict[str, Any]:
-        gc_s, runs, mallocs, retries = self.mark
+        gc_s, runs, mallocs, retries, compiled = self.mark
         now_mallocs, now_retries = self._allocator()
+        built = self.compiles[compiled:]
         return {"gc_s": round(self.gc_s - gc_s, 4),
                 "gc_collections": [a - b for a, b in zip(self.gc_runs, runs)],  # generations 0, 1, 2
                 "gc_frozen_objects": gc.get_freeze_count(),  # out of the collector's reach (the trainer's train)
-                "cuda_mallocs": now_mallocs - mallocs, "alloc_retries": now_retries - retries}
+                "cuda_mallocs": now_mallocs - mallocs, "alloc_retries": now_retries - retries,
+                "triton_compiles": len(built), "triton_compile_s": round(sum(s for _, s in built), 4),
+                "triton_kernels": sorted({name for name, _ in built})[:20]}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -667,8 +694,12 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "samples_per_s": round(samples_per_s, 3),
         "step_s": {"mean": round(statistics.fmean(times), 4), "median": round(statistics.median(times), 4),
                    "min": round(min(times), 4), "max": round(max(times), 4), "n": len(times),
+                   "max_over_median": round(max(times) / statistics.median(times), 3),
                    "slowest": slowest_step(runs)},
         "steps": timed_steps(runs),
+        # kernels the warm-up built, per round (its timed steps should then build none: `steps[*]`)
+        "warmup_triton_compiles": [sum(c.get("triton_compiles", 0) for c in r.get("step_causes", [])[
+            :r["timed_from_step"]]) for r in runs],
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
         "memory_breakdown": max(runs, key=lambda r: r["peak_mem_gib"] or 0).get("memory_breakdown"),  # the peak's
         # per GPU, two conventions (FLOPS_FORMULAS): what a LoRA step computes, and the 6N of full fine-tuning

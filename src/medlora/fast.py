@@ -5,7 +5,8 @@ adapter files); only the backbone's forward is replaced, on this one instance:
 
 * padding-free: the real tokens of a batch become one stream; sequence starts come from the attention
   mask (each row) and from `position_ids` resetting to 0 (rows packed by TRL). Every mixer respects
-  them — attention is block-diagonal, the convolution and the SSM state restart at each sequence.
+  them — attention is block-diagonal, the convolution and the SSM state restart at each sequence. The
+  stream ends with up to 15 zero rows, so every Triton kernel sees one row-count case (STREAM_MULTIPLE).
 * Mamba2: `in_proj` and `out_proj` are called as modules, so their LoRA adapters act; the causal
   convolution runs in fla-core's Triton kernel (`cu_seqlens`), the SSD scan in mamba_ssm's Triton
   `mamba_chunk_scan_combined` (`seq_idx`), both loaded without any CUDA extension.
@@ -65,6 +66,7 @@ class Stream:
     max_len: int
     shape: tuple[int, int]  # (B, L) of the batch the stream came from
     cu_seqlens_host: torch.Tensor | None = None  # [N+1] int64 on the CPU
+    pad: int = 0  # zero rows after the real tokens, one sequence of their own (STREAM_MULTIPLE)
     _derived: dict = field(default_factory=dict, repr=False)
 
     def derived(self, name: str, make):
@@ -72,6 +74,10 @@ class Stream:
         if name not in self._derived:
             self._derived[name] = make()
         return self._derived[name]
+
+    @property
+    def tokens(self) -> int:  # real tokens; the stream has `tokens + pad` rows
+        return self.seq_id.numel() - self.pad
 
     @property
     def seq_idx(self) -> torch.Tensor:  # mamba_ssm's SSD layout: [1, T] int32
@@ -91,24 +97,37 @@ class Stream:
             self.cu_seqlens_long, chunk_size, cu_seqlens_cpu=self.cu_seqlens_host))
 
 
-def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, position_ids=None) -> Stream:
+# Triton specialises every integer argument on divisibility by 16 and compiles a new variant of the kernel the
+# first time it sees the other case: token and routed-row counts change with every batch, so a run compiled
+# mamba_ssm's, fla's and medlora's kernels again mid-training (a 2.1x step on nano-full). A stream padded to a
+# multiple of 16 tokens makes every count derived from it (T, 6T routed rows, T x heads) one case for good.
+STREAM_MULTIPLE = 16
+
+
+def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, position_ids=None,
+                multiple: int = 1) -> Stream:
+    """The stream's layout; with `multiple` > 1, (-T mod multiple) pad rows follow as a sequence of their own,
+    so they reach no real token (block-diagonal attention, conv and SSM state restart) and get no gradient."""
     b, length = batch_shape
     keep = None
     row = torch.arange(b, device=device).repeat_interleave(length)
     if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
         keep = attention_mask.reshape(-1).nonzero().squeeze(1)
         row = row[keep]
+    pad = -row.numel() % multiple
+    if pad:
+        row = torch.cat([row, row.new_full((pad,), b)])  # row number b: after every real row
     start = torch.ones_like(row, dtype=torch.bool)
     start[1:] = row[1:] != row[:-1]
     if position_ids is not None and attention_mask is None:  # TRL padding-free / packed rows: 0 starts a sequence
         flat = position_ids.reshape(-1)
-        start |= (flat if keep is None else flat[keep]) == 0
+        start[:flat.numel()] |= (flat if keep is None else flat[keep]) == 0
     seq_id = torch.cumsum(start.int(), 0) - 1
     cu = F.pad(start.nonzero().squeeze(1), (0, 1), value=row.numel())  # sequence starts, then the end
     cu_host = cu.cpu()
     max_len = int((cu_host[1:] - cu_host[:-1]).max())
     pos = torch.arange(seq_id.numel(), device=device) - cu[seq_id]
-    return Stream(keep, seq_id, pos, cu.to(torch.int32), max_len, (b, length), cu_host)
+    return Stream(keep, seq_id, pos, cu.to(torch.int32), max_len, (b, length), cu_host, pad)
 
 
 # ---------------------------------------------------------------- kernels: loading
@@ -598,10 +617,11 @@ def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_id
                                                use_cache=use_cache, attention_mask=attention_mask, **kwargs)
     embeds = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
     b, length, hidden = embeds.shape
-    stream = make_stream((b, length), embeds.device, attention_mask, position_ids)
+    stream = make_stream((b, length), embeds.device, attention_mask, position_ids, STREAM_MULTIPLE)
     x = embeds.reshape(b * length, hidden)
     if stream.keep is not None:
         x = x[stream.keep]
+    x = F.pad(x, (0, 0, 0, stream.pad))  # zero rows: finite through every norm, router and mixer
     kernels = self._medlora_kernels
     checkpointed = self._medlora_checkpoint_blocks if self.training else ()
     for block in self.layers:
@@ -609,7 +629,7 @@ def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_id
             x = torch.utils.checkpoint.checkpoint(block_forward, block, x, stream, kernels, use_reentrant=False)
         else:
             x = block_forward(block, x, stream, kernels)
-    x = kernels.rms_norm(x, self.norm_f.weight, self.norm_f.variance_epsilon)
+    x = kernels.rms_norm(x, self.norm_f.weight, self.norm_f.variance_epsilon)[:stream.tokens]
     if stream.keep is not None:
         x = x.new_zeros(b * length, hidden).index_copy_(0, stream.keep, x)
     return BaseModelOutputWithPast(last_hidden_state=x.reshape(b, length, hidden))
