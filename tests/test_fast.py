@@ -435,3 +435,63 @@ def test_lora_inputs_skip_the_fp32_round_trip_under_autocast_with_identical_resu
     assert copies < copies_cast
     # put back after each block: a forward outside fast (no autocast) still casts as PEFT does
     assert all(layer.cast_input_dtype_enabled for b in blocks for layer in b._medlora_lora_layers)
+
+
+KERNELS_SOURCE = '''
+import triton
+import triton.language as tl
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=["seqlen"])
+@triton.heuristics({"EVEN": lambda args: args["seqlen"] % 16 == 0})
+@triton.jit
+def wrapped_kernel(x_ptr, seqlen, nchunks, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    pass
+
+
+@triton.jit
+def plain_kernel(x_ptr, nchunks, stride):
+    pass
+
+
+@triton.jit
+def launched_kernel(x_ptr, nchunks):
+    pass
+'''
+
+
+def test_unspecialize_takes_the_chunk_count_off_tritons_specialisation(tmp_path, monkeypatch):
+    """mamba_ssm's SSD takes ceil(T / chunk) as `nchunks`; Triton would build one more variant of each such kernel
+    when it first turns a multiple of 16. Checked with Triton's own argument binder (the one a launch builds):
+    after `unspecialize`, 144 and 137 chunks bind to the same specialisation; other arguments keep theirs; a
+    kernel that has already launched is left alone (its binder exists)."""
+    import importlib
+
+    pytest.importorskip("triton")
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import create_function_from_signature
+
+    (tmp_path / "medlora_test_kernels.py").write_text(KERNELS_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("medlora_test_kernels")
+
+    def jit_of(kernel):
+        while not hasattr(kernel, "params"):
+            kernel = kernel.fn
+        return kernel
+
+    def binds(kernel, *args, **constexprs):
+        fn = jit_of(kernel)
+        return create_function_from_signature(fn.signature, fn.params, BaseBackend)(*args, **constexprs)[1]
+
+    x = torch.zeros(4)
+    assert binds(module.plain_kernel, x, 144, 64) != binds(module.plain_kernel, x, 137, 64)  # specialised today
+    jit_of(module.launched_kernel).device_caches["launched"] = None
+    assert fast.unspecialize([module]) == ["plain_kernel.nchunks", "wrapped_kernel.nchunks"]
+    assert binds(module.plain_kernel, x, 144, 64) == binds(module.plain_kernel, x, 137, 64)
+    assert binds(module.plain_kernel, x, 144, 64)[2] != binds(module.plain_kernel, x, 144, 63)[2]  # stride kept
+    wrapped = [binds(module.wrapped_kernel, x, 4096, n, BLOCK=16, EVEN=True) for n in (144, 137)]
+    assert wrapped[0] == wrapped[1]
+    assert binds(module.wrapped_kernel, x, 4096, 144, BLOCK=16, EVEN=True)[1] \
+        != binds(module.wrapped_kernel, x, 4095, 144, BLOCK=16, EVEN=True)[1]  # seqlen still specialised
+    assert not jit_of(module.launched_kernel).params[1].do_not_specialize

@@ -153,12 +153,45 @@ def _load_mamba_ssm() -> dict[str, Any]:
             module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
             sys.modules[name] = stubs[name] = module
     try:
-        return {"ssd": importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined,
-                "rms_norm": importlib.import_module("mamba_ssm.ops.triton.layer_norm").rms_norm_fn,
-                "gated_rms_norm": importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn}
+        loaded = {"ssd": importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined,
+                  "rms_norm": importlib.import_module("mamba_ssm.ops.triton.layer_norm").rms_norm_fn,
+                  "gated_rms_norm": importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn}
+        ops = [module for name, module in sys.modules.items() if name.startswith("mamba_ssm.ops.")]
+        loaded["unspecialized"] = unspecialize(ops)
+        return loaded
     finally:
         for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
             del sys.modules[name]
+
+
+# Counts that change with the batch and that the padded stream (STREAM_MULTIPLE) cannot hold to one divisibility
+# case: the SSD's chunk count, ceil(T / chunk_size), is a multiple of 16 for one batch in 16 (state passing and two
+# backward kernels would compile a second variant mid-run).
+UNSPECIALIZED_ARGS = ("nchunks",)
+
+
+def unspecialize(modules, names=UNSPECIALIZED_ARGS) -> list[str]:
+    """Take `names` off Triton's integer specialisation (as `do_not_specialize` does) in every kernel of `modules`
+    that has not been launched yet (its argument binder is built at the first launch); returns kernel.argument."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return []
+    done = set()
+    for module in modules:
+        for attr, kernel in vars(module).items():
+            fn = kernel
+            for _ in range(4):  # autotune / heuristics wrap the JITFunction, each as `.fn`
+                if isinstance(fn, JITFunction) or getattr(fn, "fn", None) is None:
+                    break
+                fn = fn.fn
+            if not isinstance(fn, JITFunction) or getattr(fn, "device_caches", True):  # launched: binder built
+                continue
+            for param in fn.params:
+                if param.name in names and not param.is_constexpr:
+                    param.do_not_specialize = True
+                    done.add(f"{attr}.{param.name}")
+    return sorted(done)
 
 
 def triton_norms(loaded: dict[str, Any]):
@@ -196,6 +229,7 @@ class Kernels:
     gated_rms_norm: Any = None
     route: Any = None
     plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
+    unspecialized: tuple = ()  # mamba_ssm kernel.argument taken off Triton's specialisation (UNSPECIALIZED_ARGS)
 
     def __post_init__(self):
         self.rms_norm = self.rms_norm or rms_norm
@@ -238,6 +272,7 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
             raise MedloraError(f"backend fast: mamba_ssm's Triton SSD does not import ({type(err).__name__}: {err}); "
                                "pass --fast_levers without triton_mamba and triton_norms to run the PyTorch "
                                "references") from None
+    kernels.unspecialized = tuple(loaded.get("unspecialized", ()))
     if cuda and "triton_mamba" in levers:
         kernels.ssd = loaded["ssd"]
         try:
@@ -669,6 +704,7 @@ def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointi
     for note in notes:
         print(note, flush=True)
     return {"levers": list(levers), "gpu_arch": arch, "kernels": kernels.describe(), "fallbacks": notes,
+            "triton_unspecialized": list(kernels.unspecialized),
             "gradient_checkpointing": (f"per block (torch.utils.checkpoint): {'+'.join(blocks)}" if blocks else False)}
 
 
