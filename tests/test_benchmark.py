@@ -52,7 +52,7 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     # data are frozen out of the collector's reach while training (a full collection would walk them)
     assert all(x["gc_s"] >= 0 and len(x["gc_collections"]) == 3 and x["cuda_mallocs"] == 0
                and x["gc_frozen_objects"] > 10_000 and x["triton_compiles"] == 0 for x in by["fast"]["steps"])
-    assert step["max_over_median"] == round(step["max"] / step["median"], 3)
+    assert step["max_over_median"] == pytest.approx(step["max"] / step["median"], abs=2e-3)  # from unrounded times
     assert by["fast"]["warmup_triton_compiles"] == [0]  # CPU: the PyTorch references, no Triton kernel
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
