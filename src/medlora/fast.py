@@ -98,9 +98,9 @@ class Stream:
 
 
 # Triton specialises every integer argument on divisibility by 16 and compiles a new variant of the kernel the
-# first time it sees the other case: token and routed-row counts change with every batch, so a run compiled
-# mamba_ssm's, fla's and medlora's kernels again mid-training (a 2.1x step on nano-full). A stream padded to a
-# multiple of 16 tokens makes every count derived from it (T, 6T routed rows, T x heads) one case for good.
+# first time it sees the other case. Token and routed-row counts change with every batch (a 2.1x step on
+# nano-full was medlora's relu² kernel meeting 6T ≡ 0 mod 16 for the first time; mamba_ssm's and fla's kernels
+# take T itself). A stream padded to a multiple of 16 tokens makes every count derived from it one case for good.
 STREAM_MULTIPLE = 16
 
 
