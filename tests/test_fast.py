@@ -444,8 +444,13 @@ import triton.language as tl
 
 @triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=["seqlen"])
 @triton.heuristics({"EVEN": lambda args: args["seqlen"] % 16 == 0})
-@triton.jit
-def wrapped_kernel(x_ptr, seqlen, nchunks, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+@triton.heuristics({"H2": lambda args: True})
+@triton.heuristics({"H3": lambda args: True})
+@triton.heuristics({"H4": lambda args: True})
+@triton.heuristics({"H5": lambda args: True})
+@triton.jit  # six wrappers deep, as mamba_ssm's _layer_norm_bwd_kernel
+def wrapped_kernel(x_ptr, seqlen, nchunks, BLOCK: tl.constexpr, EVEN: tl.constexpr, H2: tl.constexpr,
+                   H3: tl.constexpr, H4: tl.constexpr, H5: tl.constexpr):
     pass
 
 
@@ -461,8 +466,8 @@ def launched_kernel(x_ptr, nchunks):
 
 
 def test_unspecialize_takes_the_chunk_count_off_tritons_specialisation(tmp_path, monkeypatch):
-    """mamba_ssm's SSD takes ceil(T / chunk) as `nchunks`; Triton would build one more variant of each such kernel
-    when it first turns a multiple of 16. Checked with Triton's own argument binder (the one a launch builds):
+    """mamba_ssm's SSD takes ceil(T / chunk) as `nchunks` (its norms ceil(T / SMs) as `rows_per_program`); Triton
+    would build one more variant of each such kernel when it first turns a multiple of 16. Checked with Triton's own argument binder (the one a launch builds):
     after `unspecialize`, 144 and 137 chunks bind to the same specialisation; other arguments keep theirs; a
     kernel that has already launched is left alone (its binder exists)."""
     import importlib
@@ -487,11 +492,13 @@ def test_unspecialize_takes_the_chunk_count_off_tritons_specialisation(tmp_path,
     x = torch.zeros(4)
     assert binds(module.plain_kernel, x, 144, 64) != binds(module.plain_kernel, x, 137, 64)  # specialised today
     jit_of(module.launched_kernel).device_caches["launched"] = None
-    assert fast.unspecialize([module]) == ["plain_kernel.nchunks", "wrapped_kernel.nchunks"]
+    assert fast.unspecialize([module]) == ["medlora_test_kernels.plain_kernel.nchunks",
+                                           "medlora_test_kernels.wrapped_kernel.nchunks"]
     assert binds(module.plain_kernel, x, 144, 64) == binds(module.plain_kernel, x, 137, 64)
     assert binds(module.plain_kernel, x, 144, 64)[2] != binds(module.plain_kernel, x, 144, 63)[2]  # stride kept
-    wrapped = [binds(module.wrapped_kernel, x, 4096, n, BLOCK=16, EVEN=True) for n in (144, 137)]
+    flags = dict(BLOCK=16, EVEN=True, H2=1, H3=1, H4=1, H5=1)
+    wrapped = [binds(module.wrapped_kernel, x, 4096, n, **flags) for n in (144, 137)]
     assert wrapped[0] == wrapped[1]
-    assert binds(module.wrapped_kernel, x, 4096, 144, BLOCK=16, EVEN=True)[1] \
-        != binds(module.wrapped_kernel, x, 4095, 144, BLOCK=16, EVEN=True)[1]  # seqlen still specialised
+    assert binds(module.wrapped_kernel, x, 4096, 144, **flags)[1] \
+        != binds(module.wrapped_kernel, x, 4095, 144, **flags)[1]  # seqlen still specialised
     assert not jit_of(module.launched_kernel).params[1].do_not_specialize

@@ -165,14 +165,15 @@ def _load_mamba_ssm() -> dict[str, Any]:
 
 
 # Counts that change with the batch and that the padded stream (STREAM_MULTIPLE) cannot hold to one divisibility
-# case: the SSD's chunk count, ceil(T / chunk_size), is a multiple of 16 for one batch in 16 (state passing and two
-# backward kernels would compile a second variant mid-run).
-UNSPECIALIZED_ARGS = ("nchunks",)
+# case: the SSD's chunk count ceil(T / chunk_size) (state passing and two backward kernels), and the norms'
+# backward rows per program ceil(T / SMs) (the 2026-12-01 b176 run compiled `_layer_norm_bwd_kernel` twice in
+# its first round for it, 0.2 s each). Each is a multiple of 16 for one batch in 16.
+UNSPECIALIZED_ARGS = ("nchunks", "rows_per_program")
 
 
 def unspecialize(modules, names=UNSPECIALIZED_ARGS) -> list[str]:
     """Take `names` off Triton's integer specialisation (as `do_not_specialize` does) in every kernel of `modules`
-    that has not been launched yet (its argument binder is built at the first launch); returns kernel.argument."""
+    that has not been launched yet (its argument binder is built at the first launch); returns module.kernel.argument."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
@@ -181,7 +182,7 @@ def unspecialize(modules, names=UNSPECIALIZED_ARGS) -> list[str]:
     for module in modules:
         for attr, kernel in vars(module).items():
             fn = kernel
-            for _ in range(4):  # autotune / heuristics wrap the JITFunction, each as `.fn`
+            for _ in range(16):  # autotune and each heuristics wrap the JITFunction, as `.fn`
                 if isinstance(fn, JITFunction) or getattr(fn, "fn", None) is None:
                     break
                 fn = fn.fn
@@ -190,7 +191,7 @@ def unspecialize(modules, names=UNSPECIALIZED_ARGS) -> list[str]:
             for param in fn.params:
                 if param.name in names and not param.is_constexpr:
                     param.do_not_specialize = True
-                    done.add(f"{attr}.{param.name}")
+                    done.add(f"{fn.module.rsplit('.', 1)[-1]}.{fn.fn.__name__}.{param.name}")
     return sorted(done)
 
 
@@ -229,7 +230,7 @@ class Kernels:
     gated_rms_norm: Any = None
     route: Any = None
     plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
-    unspecialized: tuple = ()  # mamba_ssm kernel.argument taken off Triton's specialisation (UNSPECIALIZED_ARGS)
+    unspecialized: tuple = ()  # mamba_ssm module.kernel.argument off Triton's specialisation (UNSPECIALIZED_ARGS)
 
     def __post_init__(self):
         self.rms_norm = self.rms_norm or rms_norm
