@@ -143,12 +143,13 @@ def test_stream_padded_to_16_tokens_changes_no_logit_or_gradient(lora_pair, monk
     if packed:  # TRL padding-free rows: no attention mask, position_ids restart (the stream keeps every token)
         inputs = dict(input_ids=torch.cat(seqs)[None], labels=torch.cat(seqs)[None],
                       position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None])
-    assert sum(map(len, seqs)) % 16  # the stream needs pad rows
+    real = sum(map(len, seqs))
+    assert real % 16  # the stream needs pad rows
     kernels, rows = fast.backbone_of(fst)._medlora_kernels, []
     norm = kernels.rms_norm
     monkeypatch.setattr(kernels, "rms_norm", lambda x, *a: rows.append(x.shape[0]) or norm(x, *a))
     padded, g_padded = run(fst, **inputs)
-    assert rows and all(n % 16 == 0 for n in rows) and max(rows) == sum(map(len, seqs)) + -sum(map(len, seqs)) % 16
+    assert rows and all(n % 16 == 0 for n in rows) and max(rows) == real + -real % 16
     monkeypatch.setattr(fast, "STREAM_MULTIPLE", 1)
     plain, g_plain = run(fst, **inputs)
     assert rel(padded.logits, plain.logits) < 1e-6 and abs(padded.loss.item() - plain.loss.item()) < 1e-6
@@ -467,9 +468,10 @@ def launched_kernel(x_ptr, nchunks):
 
 def test_unspecialize_takes_the_chunk_count_off_tritons_specialisation(tmp_path, monkeypatch):
     """mamba_ssm's SSD takes ceil(T / chunk) as `nchunks` (its norms ceil(T / SMs) as `rows_per_program`); Triton
-    would build one more variant of each such kernel when it first turns a multiple of 16. Checked with Triton's own argument binder (the one a launch builds):
-    after `unspecialize`, 144 and 137 chunks bind to the same specialisation; other arguments keep theirs; a
-    kernel that has already launched is left alone (its binder exists)."""
+    would build one more variant of each such kernel when it first turns a multiple of 16. Checked with Triton's
+    own argument binder (the one a launch builds): after `unspecialize`, 144 and 137 chunks bind to the same
+    specialisation; other arguments keep theirs; a kernel that has already launched is left alone (its binder
+    exists)."""
     import importlib
 
     pytest.importorskip("triton")

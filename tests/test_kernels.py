@@ -161,7 +161,8 @@ def test_automatic_setup_from_an_empty_cache(index_server, tmp_path, monkeypatch
             "layernorm_gated._layer_norm_bwd_kernel.rows_per_program",
             "ssd_chunk_scan._chunk_scan_bwd_dstates_kernel.nchunks",
             "ssd_chunk_scan._chunk_scan_bwd_ddAcs_prev_kernel.nchunks",
-            "ssd_state_passing._state_passing_bwd_kernel.nchunks", "ssd_state_passing._state_passing_fwd_kernel.nchunks"])
+            "ssd_state_passing._state_passing_bwd_kernel.nchunks",
+            "ssd_state_passing._state_passing_fwd_kernel.nchunks"])
     folder, why = kernels.cached_mamba_ssm()
     assert folder == tmp_path / "cache" / "medlora" / "kernels" / f"mamba_ssm-{kernels.MAMBA_SSM_VERSION}", why
     assert not (folder / "mamba_ssm" / "__init__.py").exists() and not list(folder.rglob("*.cu"))

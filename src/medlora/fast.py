@@ -173,7 +173,9 @@ UNSPECIALIZED_ARGS = ("nchunks", "rows_per_program")
 
 def unspecialize(modules, names=UNSPECIALIZED_ARGS) -> list[str]:
     """Take `names` off Triton's integer specialisation (as `do_not_specialize` does) in every kernel of `modules`
-    that has not been launched yet (its argument binder is built at the first launch); returns module.kernel.argument."""
+    that has not been launched yet (its argument binder is built at the first launch).
+
+    Returns the "module.kernel.argument" names it changed."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
