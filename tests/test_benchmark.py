@@ -51,9 +51,11 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     # and what can make a step slow, per step: collector pauses, new CUDA segments (none on a CPU); the model and
     # data are frozen out of the collector's reach while training (a full collection would walk them)
     assert all(x["gc_s"] >= 0 and len(x["gc_collections"]) == 3 and x["cuda_mallocs"] == 0
-               and x["gc_frozen_objects"] > 10_000 and x["triton_compiles"] == 0 for x in by["fast"]["steps"])
+               and x["gc_frozen_objects"] > 10_000 and x["triton_compiles"] == x["triton_autotunes"] == 0
+               and x["torch_compiles"] == 0 for x in by["fast"]["steps"])  # `compile` is not a default lever
     assert step["max_over_median"] == pytest.approx(step["max"] / step["median"], abs=2e-3)  # from unrounded times
-    assert by["fast"]["warmup_triton_compiles"] == [0]  # CPU: the PyTorch references, no Triton kernel
+    assert by["fast"]["warmup_triton_compiles"] == by["fast"]["warmup_triton_autotunes"] == [0]  # CPU: references
+    assert by["fast"]["warmup_torch_compiles"] == [0]
     assert set(out["flops_formulas"]) == {"lora", "6n"}
     assert 0 < by["fast"]["flops_per_token_lora"] < by["fast"]["flops_per_token"]
 
@@ -213,7 +215,8 @@ def test_backends_are_parsed_once_into_one_object():
     no_norms = Backend.parse("fast[-triton_norms]")  # a lever table's "each off alone" row
     assert no_norms.levers == tuple(lv for lv in fast.DEFAULT_LEVERS if lv != "triton_norms") and no_norms.levers
     assert Backend.parse("fast[-triton_norms-varlen_attention]").levers == ("triton_mamba", "grouped_lora_moe",
-                                                                           "fused_moe")
+                                                                           "fused_moe", "stream_padding")
+    assert "stream_padding" not in Backend.parse("fast[-stream_padding]").levers  # its A/B row
     assert Backend.parse("fast[none]").levers == () and Backend.parse("fast[compile]@sm80").gpu_arch == "sm80"
     hf_triton = Backend.parse("hf+triton")
     assert hf_triton.is_plain_hf and hf_triton.triton_mamba_ops and hf_triton.needs_cuda
@@ -335,6 +338,42 @@ def test_step_causes_count_collector_pauses_per_step():
     assert collected["cuda_mallocs"] == collected["alloc_retries"] == 0
     assert quiet["triton_compiles"] == collected["triton_compiles"] == 0
     assert causes._gc not in gc.callbacks  # removed on exit
+
+
+def test_step_causes_count_torch_compiles_and_triton_autotuning_per_step(monkeypatch):
+    """A torch.compile'd function compiles on its first call and again on a new shape (dynamo's recompile);
+    a Triton autotuner tunes once per new key (no GPU here: its `run` is replaced by one that fills the cache as
+    Autotuner.run does, and StepCauses wraps whatever `run` is there). Both are put back on exit."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch._dynamo import callback_handler
+
+    from medlora.benchmark import StepCauses
+
+    autotuner = pytest.importorskip("triton.runtime.autotuner").Autotuner
+
+    def fake_run(tuner, *args, key):
+        tuner.cache.setdefault(key, "best config")
+
+    monkeypatch.setattr(autotuner, "run", fake_run)
+    tuner = object.__new__(autotuner)
+    tuner.cache, tuner.base_fn = {}, SimpleNamespace(__name__="_chunk_scan_fwd_kernel")
+    double = torch.compile(lambda x: x.sin() * 2, backend="eager")
+    steps = []
+    with StepCauses() as causes:
+        for length, key in ((3, 64), (3, 64), (5, 64), (5, 128)):
+            causes.begin()
+            double(torch.randn(length))
+            tuner.run(key=key)
+            steps.append(causes.end())
+    assert [s["torch_compiles"] for s in steps] == [1, 0, 1, 0]
+    assert steps[0]["torch_compile_triggers"] == ["dynamo"] and steps[0]["torch_compile_s"] > 0
+    assert [s["triton_autotunes"] for s in steps] == [1, 0, 0, 1]
+    assert steps[3]["triton_autotuned"] == ["_chunk_scan_fwd_kernel"] and steps[1]["triton_autotuned"] == []
+    assert autotuner.run is fake_run and causes._dynamo_start not in callback_handler.start_callbacks  # put back
+    tuner.run(key=256)  # outside: not counted
+    assert len(causes.autotunes) == 2
 
 
 def test_step_causes_count_triton_compiles_and_keep_other_hooks():

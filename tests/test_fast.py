@@ -150,8 +150,13 @@ def test_stream_padded_to_16_tokens_changes_no_logit_or_gradient(lora_pair, monk
     monkeypatch.setattr(kernels, "rms_norm", lambda x, *a: rows.append(x.shape[0]) or norm(x, *a))
     padded, g_padded = run(fst, **inputs)
     assert rows and all(n % 16 == 0 for n in rows) and max(rows) == real + -real % 16
-    monkeypatch.setattr(fast, "STREAM_MULTIPLE", 1)
+    monkeypatch.setattr(kernels, "stream_multiple", 1)  # what fast[-stream_padding] loads (below)
+    rows.clear()
     plain, g_plain = run(fst, **inputs)
+    assert max(rows) == real and any(n % 16 for n in rows)
+    on = fast.load_kernels(fast.DEFAULT_LEVERS)[0]
+    off = fast.load_kernels(tuple(lever for lever in fast.DEFAULT_LEVERS if lever != "stream_padding"))[0]
+    assert (on.stream_multiple, off.stream_multiple) == (fast.STREAM_MULTIPLE, 1)
     assert rel(padded.logits, plain.logits) < 1e-6 and abs(padded.loss.item() - plain.loss.item()) < 1e-6
     assert set(g_padded) == set(g_plain) and g_plain
     for name, g in g_plain.items():

@@ -150,7 +150,7 @@ def test_automatic_setup_from_an_empty_cache(index_server, tmp_path, monkeypatch
 
     fast._load_mamba_ssm.cache_clear()
     try:
-        loaded = fast._load_mamba_ssm()  # the code path --backend fast takes on a GPU: downloads, checks, caches
+        loaded = fast._load_mamba_ssm(True)  # the code path --backend fast takes on a GPU: downloads, checks, caches
     finally:
         fast._load_mamba_ssm.cache_clear()
     assert callable(loaded["ssd"]) and loaded["ssd"].__name__ == "mamba_chunk_scan_combined"

@@ -431,14 +431,19 @@ class StepCauses:
     (a full collection walks every tracked object, the model's modules and tensors included), new CUDA memory
     segments (cudaMalloc synchronises; a batch of a new length can need new blocks), the allocator's
     free-and-retry after a failed allocation (near the memory limit), and Triton kernels compiled or loaded from
-    the disk cache during the step (a new integer specialisation or autotuning key: a new variant mid-run).
+    the disk cache during the step (a new integer specialisation or autotuning key: a new variant mid-run),
+    Triton autotuners that benchmarked their configurations for a new key (each config run several times), and
+    torch.compile (dynamo) compilations, the lazily compiled backward included (a recompile on a new shape).
     Triton's hooks see kernels launched through `triton.jit` (mamba_ssm, fla, medlora), not inductor's."""
 
     def __init__(self, device=None):
         self.device, self.gc_s, self.gc_runs, self.started = device, 0.0, [0, 0, 0], None
         self.mark: tuple = ()
         self.compiles: list[tuple[str, float]] = []  # (kernel, seconds) in the order Triton built them
+        self.autotunes: list[tuple[str, float]] = []  # (kernel, seconds, its compiles included) per new tuning key
+        self.dynamo: list[tuple[str, float]] = []  # (trigger, seconds) per torch.compile compilation
         self._knobs, self._hooks, self._compile_started = None, (None, None), None
+        self._autotuner, self._autotuner_run, self._dynamo_handler, self._dynamo_started = None, None, None, None
 
     def _gc(self, phase, info):
         if phase == "start":
@@ -458,22 +463,62 @@ class StepCauses:
         self._compile_started = None
         return self._hooks[1](**hook) if self._hooks[1] else None
 
+    def _dynamo_start(self, args):
+        self._dynamo_started = time.perf_counter()
+
+    def _dynamo_end(self, args):
+        began = self._dynamo_started if self._dynamo_started is not None else time.perf_counter()
+        self.dynamo.append((getattr(args.callback_trigger, "name", str(args.callback_trigger)).lower(),
+                            time.perf_counter() - began))
+        self._dynamo_started = None
+
+    def _watch_autotuner(self, autotuner) -> None:
+        """Wrap Autotuner.run (class-wide, put back on exit): a run that adds a key to the tuner's cache tuned."""
+        original, causes = autotuner.run, self
+
+        def run(tuner, *args, **kwargs):
+            known, began = len(getattr(tuner, "cache", ())), time.perf_counter()
+            try:
+                return original(tuner, *args, **kwargs)
+            finally:
+                if len(getattr(tuner, "cache", ())) > known:
+                    name = getattr(getattr(tuner, "base_fn", None), "__name__", type(tuner).__name__)
+                    causes.autotunes.append((name, time.perf_counter() - began))
+
+        self._autotuner, self._autotuner_run, autotuner.run = autotuner, original, run
+
     def __enter__(self):
         gc.callbacks.append(self._gc)
         try:
+            from torch._dynamo import callback_handler
+        except ImportError:  # a torch without dynamo: nothing to count
+            callback_handler = None
+        if callback_handler is not None:
+            callback_handler.register_start_callback(self._dynamo_start)
+            callback_handler.register_end_callback(self._dynamo_end)
+            self._dynamo_handler = callback_handler
+        try:
             from triton import knobs
+            from triton.runtime.autotuner import Autotuner
         except ImportError:  # CPU installs without Triton: nothing to count
             return self
         self._knobs, runtime = knobs, knobs.runtime
         self._hooks = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)  # chained, put back on exit
         runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._triton_before, self._triton_after
+        self._watch_autotuner(Autotuner)
         return self
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._gc)
+        if self._dynamo_handler is not None:
+            self._dynamo_handler.remove_start_callback(self._dynamo_start)
+            self._dynamo_handler.remove_end_callback(self._dynamo_end)
+            self._dynamo_handler = None
         if self._knobs is not None:
             self._knobs.runtime.jit_cache_hook, self._knobs.runtime.jit_post_compile_hook = self._hooks
             self._knobs = None
+        if self._autotuner is not None:
+            self._autotuner.run, self._autotuner = self._autotuner_run, None
 
     def _allocator(self) -> tuple[int, int]:
         if self.device is None:
@@ -484,18 +529,23 @@ class StepCauses:
         return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
     def begin(self) -> None:
-        self.mark = (self.gc_s, list(self.gc_runs), *self._allocator(), len(self.compiles))
+        self.mark = (self.gc_s, list(self.gc_runs), *self._allocator(), len(self.compiles), len(self.autotunes),
+                     len(self.dynamo))
 
     def end(self) -> dict[str, Any]:
-        gc_s, runs, mallocs, retries, compiled = self.mark
+        gc_s, runs, mallocs, retries, compiled, tuned, traced = self.mark
         now_mallocs, now_retries = self._allocator()
-        built = self.compiles[compiled:]
+        built, tunes, graphs = self.compiles[compiled:], self.autotunes[tuned:], self.dynamo[traced:]
         return {"gc_s": round(self.gc_s - gc_s, 4),
                 "gc_collections": [a - b for a, b in zip(self.gc_runs, runs)],  # generations 0, 1, 2
                 "gc_frozen_objects": gc.get_freeze_count(),  # out of the collector's reach (the trainer's train)
                 "cuda_mallocs": now_mallocs - mallocs, "alloc_retries": now_retries - retries,
                 "triton_compiles": len(built), "triton_compile_s": round(sum(s for _, s in built), 4),
-                "triton_kernels": sorted({name for name, _ in built})[:20]}
+                "triton_kernels": sorted({name for name, _ in built})[:20],
+                "triton_autotunes": len(tunes), "triton_autotune_s": round(sum(s for _, s in tunes), 4),
+                "triton_autotuned": sorted({name for name, _ in tunes})[:20],
+                "torch_compiles": len(graphs), "torch_compile_s": round(sum(s for _, s in graphs), 4),
+                "torch_compile_triggers": sorted({trigger for trigger, _ in graphs})}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -698,8 +748,8 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
                    "slowest": slowest_step(runs)},
         "steps": timed_steps(runs),
         # kernels the warm-up built, per round (its timed steps should then build none: `steps[*]`)
-        "warmup_triton_compiles": [sum(c.get("triton_compiles", 0) for c in r.get("step_causes", [])[
-            :r["timed_from_step"]]) for r in runs],
+        **{f"warmup_{what}": [sum(c.get(what, 0) for c in r.get("step_causes", [])[:r["timed_from_step"]])
+                              for r in runs] for what in ("triton_compiles", "triton_autotunes", "torch_compiles")},
         "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
         "memory_breakdown": max(runs, key=lambda r: r["peak_mem_gib"] or 0).get("memory_breakdown"),  # the peak's
         # per GPU, two conventions (FLOPS_FORMULAS): what a LoRA step computes, and the 6N of full fine-tuning

@@ -6,7 +6,8 @@ adapter files); only the backbone's forward is replaced, on this one instance:
 * padding-free: the real tokens of a batch become one stream; sequence starts come from the attention
   mask (each row) and from `position_ids` resetting to 0 (rows packed by TRL). Every mixer respects
   them — attention is block-diagonal, the convolution and the SSM state restart at each sequence. The
-  stream ends with up to 15 zero rows, so every Triton kernel sees one row-count case (STREAM_MULTIPLE).
+  stream ends with up to 15 zero rows, so every Triton kernel sees one row-count case (STREAM_MULTIPLE;
+  lever `stream_padding`, which also takes mamba_ssm's chunk and row counts off Triton's specialisation).
 * Mamba2: `in_proj` and `out_proj` are called as modules, so their LoRA adapters act; the causal
   convolution runs in fla-core's Triton kernel (`cu_seqlens`), the SSD scan in mamba_ssm's Triton
   `mamba_chunk_scan_combined` (`seq_idx`), both loaded without any CUDA extension.
@@ -39,10 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention",
+LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention", "stream_padding",
           "compile")  # each can be switched off
 DEFAULT_LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe",
-                  "varlen_attention")  # `compile`: opt-in (README)
+                  "varlen_attention", "stream_padding")  # `compile`: opt-in (README)
+# stream_padding: the stream padded to STREAM_MULTIPLE rows and mamba_ssm's UNSPECIALIZED_ARGS off Triton's
+# specialisation, so no kernel variant is built mid-run; a lever so that its cost can be measured (fast[-...])
 CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
 from medlora.errors import MedloraError
 from medlora.quant import nf4_weights
@@ -134,8 +137,9 @@ def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, posit
 
 
 @functools.cache
-def _load_mamba_ssm() -> dict[str, Any]:
-    """mamba_ssm's Triton SSD and norms from medlora's kernel cache (`medlora.kernels`), never as a package.
+def _load_mamba_ssm(unspecialized: bool = True) -> dict[str, Any]:
+    """mamba_ssm's Triton SSD and norms from medlora's kernel cache (`medlora.kernels`), never as a package;
+    `unspecialized`: with UNSPECIALIZED_ARGS off Triton's specialisation (`unspecialize`).
 
     Its `__init__` files import the CUDA extension, so empty stand-in packages point Python at the cached
     folders for the import, and every `mamba_ssm` module is forgotten right after: transformers in this process
@@ -157,7 +161,7 @@ def _load_mamba_ssm() -> dict[str, Any]:
                   "rms_norm": importlib.import_module("mamba_ssm.ops.triton.layer_norm").rms_norm_fn,
                   "gated_rms_norm": importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn}
         ops = [module for name, module in sys.modules.items() if name.startswith("mamba_ssm.ops.")]
-        loaded["unspecialized"] = unspecialize(ops)
+        loaded["unspecialized"] = unspecialize(ops) if unspecialized else []
         return loaded
     finally:
         for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
@@ -233,6 +237,7 @@ class Kernels:
     route: Any = None
     plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
     unspecialized: tuple = ()  # mamba_ssm module.kernel.argument off Triton's specialisation (UNSPECIALIZED_ARGS)
+    stream_multiple: int = 1  # the stream's row count is a multiple of this (lever stream_padding: STREAM_MULTIPLE)
 
     def __post_init__(self):
         self.rms_norm = self.rms_norm or rms_norm
@@ -261,11 +266,12 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
     facts = gpu_facts(device) if cuda else {"cuda": False}
     capability = tuple(facts["capability"]) if cuda else None
     unavailable: dict[str, str] = {}
-    kernels = Kernels(grouped_lora_moe="grouped_lora_moe" in levers)
+    kernels = Kernels(grouped_lora_moe="grouped_lora_moe" in levers,
+                      stream_multiple=STREAM_MULTIPLE if "stream_padding" in levers else 1)
     loaded: dict[str, Any] = {}
     if cuda and ("triton_mamba" in levers or "triton_norms" in levers):
         try:
-            loaded = _load_mamba_ssm()
+            loaded = _load_mamba_ssm("stream_padding" in levers)
         except KernelSetupError as err:
             raise MedloraError(str(err)) from None
         except ImportError as err:  # mamba_ssm's Triton files import einops and triton
@@ -655,12 +661,12 @@ def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_id
                                                use_cache=use_cache, attention_mask=attention_mask, **kwargs)
     embeds = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
     b, length, hidden = embeds.shape
-    stream = make_stream((b, length), embeds.device, attention_mask, position_ids, STREAM_MULTIPLE)
+    kernels = self._medlora_kernels
+    stream = make_stream((b, length), embeds.device, attention_mask, position_ids, kernels.stream_multiple)
     x = embeds.reshape(b * length, hidden)
     if stream.keep is not None:
         x = x[stream.keep]
     x = F.pad(x, (0, 0, 0, stream.pad))  # zero rows: finite through every norm, router and mixer
-    kernels = self._medlora_kernels
     checkpointed = self._medlora_checkpoint_blocks if self.training else ()
     for block in self.layers:
         if BLOCK_KIND.get(block.block_type, block.block_type) in checkpointed:
@@ -727,7 +733,7 @@ def patch_hf_mamba_ops() -> dict[str, Any]:
     import transformers.models.nemotron_h.modeling_nemotron_h as nh
 
     try:
-        ssd, conv = _load_mamba_ssm()["ssd"], _load_fla_conv()
+        ssd, conv = _load_mamba_ssm(True)["ssd"], _load_fla_conv()
     except (ImportError, MedloraError) as err:
         raise MedloraError(f"hf+triton needs mamba_ssm's Triton sources and fla-core ({err}); see README, "
                            "'Backend fast'") from None
