@@ -416,3 +416,46 @@ def test_step_causes_count_triton_compiles_and_keep_other_hooks():
         assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == theirs  # put back
     finally:
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved
+
+
+def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypatch):
+    """benchmarks/nano-full-h200.sh (the runs behind README's tables) runs each phase; with MEDLORA and PYTEST set
+    to a recorder, every bench call it makes is parsed and validated by `medlora bench`'s own sections, and every
+    backend it names parses. An unknown phase is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from medlora.backend import Backend
+    from medlora.cli import COMMANDS
+    from medlora.config import parse_config
+
+    calls = tmp_path / "calls.jsonl"
+    recorder = tmp_path / "record"
+    recorder.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    recorder.chmod(0o755)
+    env = {**os.environ, "MEDLORA": f"{recorder} medlora", "PYTEST": f"{recorder} pytest",
+           "RESULTS": str(tmp_path / "results")}
+    phases = ["fast", "ab", "levers", "baselines", "quarter", "gpu-tests"]
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), *phases], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [argv[0] for argv in recorded] == ["medlora"] * 5 + ["pytest"]
+    tags = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
+    for argv in recorded[:5]:
+        assert argv[1] == "bench"
+        (bench, _lora) = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
+        bench.validate()
+        assert all(Backend.parse(spec) for spec in bench.backends) and bench.results_dir == str(tmp_path / "results")
+        tags.append(bench.tag)
+    assert len(set(tags)) == 5  # one result file name per phase
+    assert "fast[-stream_padding]" in recorded[1]
+    assert (ROOT / recorded[5][-1].split("::")[0]).is_file() and (ROOT / recorded[5][-2]).is_file()
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), "fastest"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown phase fastest" in bad.stderr
