@@ -5,8 +5,8 @@
 #
 # Phases: fast (the headline row, 2 rounds x 20 steps), ab (fast against fast[-stream_padding]), levers (the
 # defaults less one lever each), baselines (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM),
-# quarter (nano-quarter, every backend), gpu-tests (the GPU equivalence tests). Each bench phase is one
-# `medlora bench` run, so its rows compare within it.
+# quarter (nano-quarter, every backend), gpu-tests (the GPU equivalence tests; their measured errors go to
+# RESULTS/gpu-tests-DATE.jsonl). Each bench phase is one `medlora bench` run, so its rows compare within it.
 # MEDLORA: how to call the CLI (default `uv run medlora`); PYTEST: how to call pytest (default `uv run pytest`);
 # DATA: MedMCQA JSON lines (default the shared dev split); RESULTS: where the JSON, .md and .png go.
 set -euo pipefail
@@ -33,8 +33,9 @@ for phase in "$@"; do
     quarter) bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends fast hf+triton unsloth hf \
                --per_device_train_batch_size 16 --backend_batch_size fast=256 --rounds 1 --bench_steps 8 \
                --bench_warmup_steps 3 --tag quarter ;;
-    gpu-tests) $PYTEST -q -p no:cacheprovider --durations=0 tests/test_gpu_fast.py \
-                 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
+    gpu-tests) mkdir -p "$RESULTS"
+               MEDLORA_GPU_REPORT="$RESULTS/gpu-tests-$(date -u +%F).jsonl" $PYTEST -v -p no:cacheprovider \
+                 --durations=0 tests/test_gpu_fast.py 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     *) echo "unknown phase $phase (fast ab levers baselines quarter gpu-tests)" >&2; exit 2 ;;
   esac
 done
