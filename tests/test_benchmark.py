@@ -172,8 +172,6 @@ def test_bench_refuses_bad_backend_options(args, message, capsys):
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
 
-
-
 def test_bench_trains_with_the_sft_config_that_train_builds(tmp_path):
     """Same arguments, same SFTConfig: the bench applies train's rules through the same builder (only the output
     directories differ), for every kind of backend."""
@@ -449,7 +447,7 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
     for argv in recorded[:5]:
         assert argv[1] == "bench"
-        (bench, _lora) = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
+        bench, _ = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
         bench.validate()
         assert all(Backend.parse(spec) for spec in bench.backends) and bench.results_dir == str(tmp_path / "results")
         tags.append(bench.tag)

@@ -440,7 +440,7 @@ class StepCauses:
         self.device, self.gc_s, self.gc_runs, self.started = device, 0.0, [0, 0, 0], None
         self.mark: tuple = ()
         self.compiles: list[tuple[str, float]] = []  # (kernel, seconds) in the order Triton built them
-        self.autotunes: list[tuple[str, float]] = []  # (kernel, seconds, its compiles included) per new tuning key
+        self.autotunes: list[tuple[str, float]] = []  # (kernel, seconds with its compiles) per new tuning key
         self.dynamo: list[tuple[str, float]] = []  # (trigger, seconds) per torch.compile compilation
         self._knobs, self._hooks, self._compile_started = None, (None, None), None
         self._autotuner, self._autotuner_run, self._dynamo_handler, self._dynamo_started = None, None, None, None
