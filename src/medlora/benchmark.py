@@ -492,8 +492,8 @@ class StepCauses:
         try:
             from torch._dynamo import callback_handler
         except ImportError:  # a torch without dynamo: nothing to count
-            callback_handler = None
-        if callback_handler is not None:
+            pass
+        else:
             callback_handler.register_start_callback(self._dynamo_start)
             callback_handler.register_end_callback(self._dynamo_end)
             self._dynamo_handler = callback_handler

@@ -137,9 +137,10 @@ def make_stream(batch_shape: tuple[int, int], device, attention_mask=None, posit
 
 
 @functools.cache
-def _load_mamba_ssm(unspecialized: bool = True) -> dict[str, Any]:
+def _load_mamba_ssm(unspecialized: bool) -> dict[str, Any]:
     """mamba_ssm's Triton SSD and norms from medlora's kernel cache (`medlora.kernels`), never as a package;
-    `unspecialized`: with UNSPECIALIZED_ARGS off Triton's specialisation (`unspecialize`).
+    `unspecialized`: with UNSPECIALIZED_ARGS off Triton's specialisation (`unspecialize`). No default: the cache
+    keys on the arguments as written, so `f()` and `f(True)` would import the modules twice.
 
     Its `__init__` files import the CUDA extension, so empty stand-in packages point Python at the cached
     folders for the import, and every `mamba_ssm` module is forgotten right after: transformers in this process
