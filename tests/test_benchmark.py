@@ -419,9 +419,11 @@ def test_step_causes_count_triton_compiles_and_keep_other_hooks():
 def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypatch):
     """benchmarks/nano-full-h200.sh (the runs behind README's tables) runs each phase; with MEDLORA and PYTEST set
     to a recorder, every bench call it makes is parsed and validated by `medlora bench`'s own sections, and every
-    backend it names parses. An unknown phase is refused."""
+    backend it names parses; its two test phases select every GPU equivalence test between them; a checkpointing
+    setting that fails (out of memory) does not stop the others. An unknown phase is refused."""
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -433,27 +435,43 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     calls = tmp_path / "calls.jsonl"
     recorder = tmp_path / "record"
     recorder.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+                        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                        "sys.exit(2 if 'fast=false' in sys.argv else 0)\n")  # as an out-of-memory bench exits
     recorder.chmod(0o755)
     env = {**os.environ, "MEDLORA": f"{recorder} medlora", "PYTEST": f"{recorder} pytest",
            "RESULTS": str(tmp_path / "results")}
-    phases = ["fast", "ab", "levers", "baselines", "quarter", "gpu-tests"]
+    phases = ["fast", "ab", "levers", "levers-moe", "checkpointing", "baselines", "quarter", "gpu-tests",
+              "gpu-tests-nano"]
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), *phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    assert "checkpointing false: bench exited 2" in proc.stderr
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [argv[0] for argv in recorded] == ["medlora"] * 5 + ["pytest"]
-    tags = []
+    assert [argv[0] for argv in recorded] == ["medlora"] * 10 + ["pytest"] * 2
+    tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
-    for argv in recorded[:5]:
+    for argv in recorded[:10]:
         assert argv[1] == "bench"
         bench, _ = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
         bench.validate()
         assert all(Backend.parse(spec) for spec in bench.backends) and bench.results_dir == str(tmp_path / "results")
         tags.append(bench.tag)
-    assert len(set(tags)) == 5  # one result file name per phase
-    assert "fast[-stream_padding]" in recorded[1]
-    assert (ROOT / recorded[5][-1].split("::")[0]).is_file() and (ROOT / recorded[5][-2]).is_file()
+        backends |= set(bench.backends)
+    assert len(set(tags)) == 10  # one result file name per run
+    assert {f"fast[-{lever}]" for lever in fast.DEFAULT_LEVERS} <= backends  # every default lever gets its row
+    assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded[4:8]} == {
+        "fast=true", "fast=moe", "fast=mamba", "fast=false"}
+    selected = []
+    for argv in recorded[10:]:
+        options = argv[argv.index("--durations=0") + 1:]
+        listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                  *options], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        selected.append({line for line in listing.stdout.splitlines() if "::" in line})
+        assert selected[-1], listing.stdout + listing.stderr
+    names = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_gpu_fast.py").read_text(), re.M)
+    ran = [{test.split("::")[1].split("[")[0] for test in tests if "test_gpu_fast.py" in test} for tests in selected]
+    assert len(names) >= 7 and set(names) == ran[0] | ran[1] and not ran[0] & ran[1]  # each test once
+    assert any("test_tiny_train_and_eval_bf16[fast-True]" in test for test in selected[0])
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), "fastest"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown phase fastest" in bad.stderr
