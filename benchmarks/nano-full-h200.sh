@@ -19,6 +19,8 @@ DATA=${DATA:-../shared/data/medmcqa/dev.jsonl}
 RESULTS=${RESULTS:-benchmarks/results}
 SHM=${SHM:-/dev/shm/bench-models}  # a saved copy for the loaders that read one (hf, unsloth)
 bench() { $MEDLORA bench --data_path "$DATA" --results_dir "$RESULTS" "$@"; }
+# nano-full built on the GPU in every worker, 3 warm-up steps: what the fast rows share, so they compare
+in_memory() { bench --model_spec nano-full --in_memory true --bench_warmup_steps 3 "$@"; }
 gpu_tests() {
   mkdir -p "$RESULTS"
   MEDLORA_GPU_REPORT="$RESULTS/gpu-tests-$(date -u +%F).jsonl" $PYTEST -v -p no:cacheprovider --durations=0 "$@"
@@ -30,21 +32,18 @@ KERNEL_TESTS=(tests/test_gpu_fast.py::test_triton_conv_and_ssd_match_the_referen
 for phase in "$@"; do
   echo "== $phase $(date -u +%FT%TZ)"
   case $phase in
-    fast) bench --model_spec nano-full --in_memory true --backends fast --per_device_train_batch_size 176 \
-            --rounds 2 --bench_steps 20 --bench_warmup_steps 3 --tag fast-b176 ;;
-    ab) bench --model_spec nano-full --in_memory true --backends fast 'fast[-stream_padding]' \
-          --per_device_train_batch_size 176 --rounds 2 --bench_steps 10 --bench_warmup_steps 3 --tag ab-b176 ;;
-    levers) bench --model_spec nano-full --in_memory true --per_device_train_batch_size 176 --rounds 1 \
-              --bench_steps 8 --bench_warmup_steps 3 --tag levers-b176 --backends fast 'fast[-triton_norms]' \
-              'fast[-varlen_attention]' 'fast[-stream_padding]' ;;
-    levers-moe) bench --model_spec nano-full --in_memory true --per_device_train_batch_size 176 --rounds 1 \
-                  --bench_steps 8 --bench_warmup_steps 3 --tag levers-moe-b176 --backends fast 'fast[-fused_moe]' \
-                  'fast[-grouped_lora_moe]' 'fast[-triton_mamba]' ;;
+    fast) in_memory --per_device_train_batch_size 176 --rounds 2 --bench_steps 20 --tag fast-b176 --backends fast ;;
+    ab) in_memory --per_device_train_batch_size 176 --rounds 2 --bench_steps 10 --tag ab-b176 \
+          --backends fast 'fast[-stream_padding]' ;;
+    levers) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag levers-b176 \
+              --backends fast 'fast[-triton_norms]' 'fast[-varlen_attention]' 'fast[-stream_padding]' ;;
+    levers-moe) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag levers-moe-b176 \
+                  --backends fast 'fast[-fused_moe]' 'fast[-grouped_lora_moe]' 'fast[-triton_mamba]' ;;
     checkpointing)  # one run per setting: a backend takes one checkpointing setting per run
       for blocks in true moe mamba false; do
-        bench --model_spec nano-full --in_memory true --backends fast --per_device_train_batch_size 64 --rounds 1 \
-          --bench_steps 8 --bench_warmup_steps 3 --backend_gradient_checkpointing "fast=$blocks" \
-          --tag "checkpointing-$blocks-b64" || echo "checkpointing $blocks: bench exited $? (out of memory?)" >&2
+        in_memory --per_device_train_batch_size 64 --rounds 1 --bench_steps 8 --tag "checkpointing-$blocks-b64" \
+          --backends fast --backend_gradient_checkpointing "fast=$blocks" \
+          || echo "checkpointing $blocks: bench exited $? (out of memory?)" >&2
       done ;;
     baselines) bench --model_spec nano-full --model_cache_dir "$SHM" --backends unsloth hf+triton \
                  --per_device_train_batch_size 16 --rounds 1 --bench_steps 8 --bench_warmup_steps 2 \
