@@ -4,7 +4,8 @@
 #   bash benchmarks/nano-full-h200.sh fast baselines      # on one 141 GB GPU, from the project root
 #
 # Phases: fast (the headline row, 2 rounds x 20 steps); ab (fast against fast[-stream_padding]); levers and
-# levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); checkpointing
+# levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); opt-in (the defaults
+# and one opt-in lever: offload_checkpoints, compile_blocks); checkpointing
 # (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines (unsloth
 # and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend); gpu-tests
 # (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
@@ -27,7 +28,8 @@ gpu_tests() {
 }
 KERNEL_TESTS=(tests/test_gpu_fast.py::test_triton_conv_and_ssd_match_the_references_across_sequence_boundaries
               tests/test_gpu_fast.py::test_triton_norms_match_the_references
-              tests/test_gpu_fast.py::test_triton_moe_kernels_match_the_references)
+              tests/test_gpu_fast.py::test_triton_moe_kernels_match_the_references
+              tests/test_gpu_fast.py::test_opt_in_levers_keep_every_gradient_on_the_tiny_model)
 
 for phase in "$@"; do
   echo "== $phase $(date -u +%FT%TZ)"
@@ -39,6 +41,8 @@ for phase in "$@"; do
               --backends fast 'fast[-triton_norms]' 'fast[-varlen_attention]' 'fast[-stream_padding]' ;;
     levers-moe) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag levers-moe-b176 \
                   --backends fast 'fast[-fused_moe]' 'fast[-grouped_lora_moe]' 'fast[-triton_mamba]' ;;
+    opt-in) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag opt-in-b176 \
+              --backends fast 'fast[+offload_checkpoints]' 'fast[+compile_blocks]' ;;
     checkpointing)  # one run per setting: a backend takes one checkpointing setting per run
       for blocks in true moe mamba false; do
         in_memory --per_device_train_batch_size 64 --rounds 1 --bench_steps 8 --tag "checkpointing-$blocks-b64" \
@@ -53,7 +57,7 @@ for phase in "$@"; do
                --bench_warmup_steps 3 --tag quarter ;;
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
-    *) echo "unknown phase $phase (fast ab levers levers-moe checkpointing baselines quarter gpu-tests" \
-            "gpu-tests-nano)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (fast ab levers levers-moe opt-in checkpointing baselines quarter" \
+            "gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
   esac
 done

@@ -216,6 +216,8 @@ def test_backends_are_parsed_once_into_one_object():
                                                                            "fused_moe", "stream_padding")
     assert "stream_padding" not in Backend.parse("fast[-stream_padding]").levers  # its A/B row
     assert Backend.parse("fast[none]").levers == () and Backend.parse("fast[compile]@sm80").gpu_arch == "sm80"
+    plus = Backend.parse("fast[+offload_checkpoints+compile_blocks+triton_norms]")  # the defaults and opt-in ones
+    assert plus.levers == fast.DEFAULT_LEVERS + ("offload_checkpoints", "compile_blocks")
     hf_triton = Backend.parse("hf+triton")
     assert hf_triton.is_plain_hf and hf_triton.triton_mamba_ops and hf_triton.needs_cuda
     assert not hf_triton.supports_fsdp2 and Backend.parse("hf").supports_fsdp2
@@ -226,7 +228,7 @@ def test_backends_are_parsed_once_into_one_object():
     # +nf4: the 4-bit experts of --load_in_4bit, for a bench row beside bf16 fast
     assert Backend.parse("fast+nf4") == Backend("fast", fast.DEFAULT_LEVERS, nf4_experts=True)
     assert Backend.parse("fast[triton_mamba]+nf4@sm80") == Backend("fast", ("triton_mamba",), "sm80", nf4_experts=True)
-    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "fast[-warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
+    for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "fast[-warp]", "fast[+warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
         with pytest.raises(ConfigError):
             Backend.parse(bad)
 
@@ -440,29 +442,31 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     recorder.chmod(0o755)
     env = {**os.environ, "MEDLORA": f"{recorder} medlora", "PYTEST": f"{recorder} pytest",
            "RESULTS": str(tmp_path / "results")}
-    phases = ["fast", "ab", "levers", "levers-moe", "checkpointing", "baselines", "quarter", "gpu-tests",
+    phases = ["fast", "ab", "levers", "levers-moe", "opt-in", "checkpointing", "baselines", "quarter", "gpu-tests",
               "gpu-tests-nano"]
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), *phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "checkpointing false: bench exited 2" in proc.stderr
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [argv[0] for argv in recorded] == ["medlora"] * 10 + ["pytest"] * 2
+    assert [argv[0] for argv in recorded] == ["medlora"] * 11 + ["pytest"] * 2
     tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
-    for argv in recorded[:10]:
+    for argv in recorded[:11]:
         assert argv[1] == "bench"
         bench, _ = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
         bench.validate()
         assert all(Backend.parse(spec) for spec in bench.backends) and bench.results_dir == str(tmp_path / "results")
         tags.append(bench.tag)
         backends |= set(bench.backends)
-    assert len(set(tags)) == 10  # one result file name per run
+    assert len(set(tags)) == 11  # one result file name per run
     assert {f"fast[-{lever}]" for lever in fast.DEFAULT_LEVERS} <= backends  # every default lever gets its row
-    assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded[4:8]} == {
+    opt_in = set(fast.LEVERS) - set(fast.DEFAULT_LEVERS) - {"compile"}  # compile: its own A/B (README)
+    assert {f"fast[+{lever}]" for lever in opt_in} <= backends  # and every opt-in lever
+    assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded[5:9]} == {
         "fast=true", "fast=moe", "fast=mamba", "fast=false"}
     selected = []
-    for argv in recorded[10:]:
+    for argv in recorded[11:]:
         options = argv[argv.index("--durations=0") + 1:]
         listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                   *options], cwd=ROOT, capture_output=True, text=True, timeout=120)

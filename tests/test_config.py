@@ -87,3 +87,19 @@ def test_the_backend_is_read_before_transformers_without_a_regex(tmp_path):
     cfg.write_text("notes: 'backend: unsloth'\n")  # the text a regex would have matched
     assert requested_backend(["--config", str(cfg)]) is None
     assert requested_backend(["--config", str(tmp_path / "missing.yaml")]) is None
+
+
+def test_offloading_checkpoints_without_checkpointing_is_refused_at_startup(tmp_path, capsys):
+    """--fast_levers offload_checkpoints moves checkpointed blocks' inputs: with nothing checkpointed it would do
+    nothing, so the CLI says so before loading anything (with checkpointing on, the same levers validate)."""
+    from medlora.config import RunArguments, parse_config, training_sections
+
+    levers = ["--backend", "fast", "--fast_levers", "triton_mamba", "offload_checkpoints"]
+    code, _, err = run_main(["train", "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path / "o"), *levers,
+                             "--gradient_checkpointing", "false"], capsys)
+    assert code == 2 and "offload_checkpoints" in err and "--gradient_checkpointing true" in err, err
+    assert not (tmp_path / "o").exists()
+    *_, run, train = parse_config(["--output_dir", str(tmp_path), *levers, "--gradient_checkpointing", "true"],
+                                  training_sections())
+    assert isinstance(run, RunArguments)
+    run.validate(train)

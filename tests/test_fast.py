@@ -251,6 +251,78 @@ def test_selective_checkpointing_keeps_every_gradient(lora_pair):
         fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=("attention", "ffn"))
 
 
+def test_offloaded_checkpoints_move_each_block_input_to_the_host_and_keep_every_gradient(lora_pair):
+    """offload_checkpoints: the one tensor each checkpointed block keeps (its input, [tokens, hidden]) leaves for the
+    host in forward order and comes back for the recompute; the gradients equal plain checkpointing's. On a CPU the
+    'host' copy is a second CPU tensor, so the round trip and the one-layer-ahead prefetch run, the streams not."""
+    _, fst = lora_pair
+    _, ids, mask, labels = batch([50, 33, 61])
+    fst.train()
+    try:
+        fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=True)
+        _, plain = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+        for blocks in (True, ("moe",)):
+            fast.enable(fst, fast.DEFAULT_LEVERS + ("offload_checkpoints",), gradient_checkpointing=blocks)
+            offload = fast.backbone_of(fst)._medlora_kernels.offload
+            packed, unpacked = [], []
+            pack, unpack = offload.pack, offload.unpack
+            offload.pack = lambda t: packed.append(pack(t)) or packed[-1]
+            offload.unpack = lambda p: unpacked.append(p) or unpack(p)
+            _, grads = run(fst, input_ids=ids, attention_mask=mask, labels=labels)
+            layers = fast.backbone_of(fst).layers
+            kinds = fast.CHECKPOINT_BLOCKS if blocks is True else blocks
+            n = sum(fast.BLOCK_KIND[b.block_type] in kinds for b in layers)
+            moved = [p for p in packed if isinstance(p, fast._OnHost)]
+            tokens = int(mask.sum()) + (-int(mask.sum()) % fast.STREAM_MULTIPLE)
+            assert len(moved) == n > 0 and [p.index for p in moved] == list(range(n))
+            assert all(p.host.shape == (tokens, fst.config.hidden_size) for p in moved)
+            assert offload.bytes == n * tokens * fst.config.hidden_size * 4
+            assert sorted(p.index for p in unpacked if isinstance(p, fast._OnHost)) == list(range(n))
+            assert [p.index for p in unpacked if isinstance(p, fast._OnHost)] == list(range(n))[::-1]  # backward
+            assert all(p.back is None for p in moved)  # none kept on the device after its recompute
+            assert offload.order == [None] * n  # nor on the host once autograd has let go of it
+            assert set(grads) == set(plain)
+            for name, g in plain.items():
+                assert torch.allclose(grads[name], g, rtol=1e-6, atol=1e-8), (blocks, name)
+        with pytest.raises(Exception, match="offload_checkpoints"):
+            fast.enable(fst, fast.DEFAULT_LEVERS + ("offload_checkpoints",), gradient_checkpointing=False)
+    finally:
+        fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
+
+
+def test_compiled_blocks_match_eager_with_one_graph_set_for_every_length(lora_pair, monkeypatch):
+    """compile_blocks: each block kind as a torch.compile graph (here traced by dynamo + AOTAutograd, `aot_eager`,
+    so the CPU test needs no C++ build; the GPU runs inductor): logits and every LoRA gradient equal eager's, with
+    checkpointing, and a batch of new lengths compiles nothing more (the token count is symbolic)."""
+    import torch._dynamo
+
+    _, fst = lora_pair
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    fst.train()
+    try:
+        for checkpointing in (False, True):
+            first = batch([50, 33], seed=3)
+            fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=checkpointing)
+            out_eager, eager = run(fst, input_ids=first[1], attention_mask=first[2], labels=first[3])
+            fast.enable(fst, fast.DEFAULT_LEVERS + ("compile_blocks",), gradient_checkpointing=checkpointing)
+            assert fast.backbone_of(fst)._medlora_kernels.block_compute is not fast.block_compute
+            out, grads = run(fst, input_ids=first[1], attention_mask=first[2], labels=first[3])
+            real = first[2].bool()
+            assert rel(out.logits[real], out_eager.logits[real]) < 1e-5
+            assert set(grads) == set(eager) and eager
+            for name, g in eager.items():
+                assert rel(grads[name], g) < 1e-5, (checkpointing, name)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        other = batch([71, 20, 37], seed=4)  # 128 rows: whole SSD chunks like the first (96), since the CPU's SSD
+        # reference takes another path for a partial last chunk (on a GPU the SSD is a Triton kernel outside the graph)
+        run(fst, input_ids=other[1], attention_mask=other[2], labels=other[3])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for new lengths
+    finally:
+        fast.enable(fst, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
+        torch._dynamo.reset()
+
+
 def test_fast_falls_back_with_a_message_on_cpu(capsys):
     kernels, notes = fast.load_kernels(fast.LEVERS, "cpu")
     assert kernels.ssd is None and kernels.conv is None and kernels.varlen_attention is None

@@ -29,6 +29,10 @@ from test_gpu import _batch
 pytestmark = pytest.mark.gpu
 
 
+EVERY_KERNEL = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention", "stream_padding",
+                "compile")  # every kernel lever of fast; the whole-block graphs and the offload are tested on tiny
+
+
 def report(name, **numbers):
     print(name, numbers)
     if os.environ.get("MEDLORA_GPU_REPORT"):
@@ -202,6 +206,61 @@ def _compare(got, want):
                 grad_cosine=cosine, lora_tensors=len(per_tensor))
 
 
+@pytest.mark.parametrize("lever", ["offload_checkpoints", "compile_blocks"])
+def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
+    """Levers offload_checkpoints and compile_blocks (inductor) on a GPU against the eager fast forward, every block
+    checkpointed (tiny model, fp32, TF32 off), on the third step of each: the loss and every LoRA gradient; the
+    offloaded step holds less GPU memory after its forward, by about the bytes it moved to pinned host memory."""
+    import copy
+
+    from medlora import fast
+    from medlora.config import LoraArguments
+    from medlora.model import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(tiny[0]).float(), LoraArguments(lora_r=4, lora_alpha=8)).cuda().train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    lengths = [300, 170, 410, 90]
+    ids = torch.randint(5, 2048, (len(lengths), max(lengths)), generator=g).cuda()
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().cuda()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    def step(levers):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(**inputs).loss
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # lets the allocator retire blocks whose side-stream copies are done
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, held
+
+    try:
+        fast.enable(model, fast.DEFAULT_LEVERS, gradient_checkpointing=True)
+        eager_loss, eager, eager_held = step(())
+        fast.enable(model, fast.DEFAULT_LEVERS + (lever,), gradient_checkpointing=True)
+        for _ in range(3):  # the last of three steps: compiled graphs are reused, host buffers recycled
+            loss, grads, held = step((lever,))
+        kernels = fast.backbone_of(model)._medlora_kernels
+    finally:
+        fast.enable(model, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
+    assert set(grads) == set(eager) and eager
+    numbers = dict(loss=abs(loss - eager_loss) / abs(eager_loss), held_mib=held / 2**20,
+                   eager_held_mib=eager_held / 2**20, grad_max=max(rel(grads[n], g) for n, g in eager.items()))
+    if lever == "offload_checkpoints":
+        numbers["moved_mib"] = kernels.offload.bytes / 2**20
+    report(f"{lever}-tiny-float32", **numbers)
+    assert numbers["loss"] < 1e-5 and numbers["grad_max"] < 1e-4, numbers
+    if lever == "offload_checkpoints":
+        assert numbers["moved_mib"] > 0 and eager_held - held >= 0.9 * kernels.offload.bytes, numbers
+
+
 def test_fast_matches_hf_on_nano_quarter_fp32():
     from medlora import fast
 
@@ -209,7 +268,7 @@ def test_fast_matches_hf_on_nano_quarter_fp32():
     batch, _ = _batch(tok, 4)
     batch = {k: v.cuda() for k, v in batch.items()}
     reference = (*_step(model, batch), batch["attention_mask"].bool())  # transformers + PEFT, before any fast kernel
-    info = fast.enable(model, fast.LEVERS)
+    info = fast.enable(model, EVERY_KERNEL)
     numbers = _compare(_step(model, batch), reference)
     report("nano-quarter-float32", **numbers, kernels=info["kernels"])
     assert numbers["logits"] < 1e-3 and numbers["loss"] < 1e-4 and numbers["grad_max"] < 1e-2, numbers
@@ -229,7 +288,7 @@ def test_fast_bf16_is_as_close_to_fp32_as_hf_bf16_on_nano_quarter():
     torch.cuda.empty_cache()
     model, _ = _nano("bfloat16")
     hf_numbers = _compare(_step(model, batch), truth)
-    fast.enable(model, fast.LEVERS)
+    fast.enable(model, EVERY_KERNEL)
     fast_numbers = _compare(_step(model, batch), truth)
     report("nano-quarter-bfloat16-vs-fp32", hf=hf_numbers, fast=fast_numbers)
     for key, floor in (("logits", 1e-3), ("loss", 1e-4)):
@@ -241,7 +300,7 @@ def test_fast_packed_batch_equals_samples_alone_on_nano_quarter():
     from medlora import fast
 
     model, tok = _nano("float32")
-    fast.enable(model, fast.LEVERS)
+    fast.enable(model, EVERY_KERNEL)
     batch, _ = _batch(tok, 3)
     ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
     seqs = [row[m.bool()] for row, m in zip(ids, mask)]

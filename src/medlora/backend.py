@@ -15,7 +15,8 @@ NAMES = ("hf", "unsloth", "fast")  # what `--backend` takes; the bench also take
 
 @dataclass(frozen=True)
 class Backend:
-    """A training backend, parsed once: `hf`, `unsloth`, `fast`, `fast[lever+lever]`, `fast@sm80`, `hf+triton`.
+    """A training backend, parsed once: `hf`, `unsloth`, `fast`, `fast[lever+lever]`, `fast[-lever]`, `fast[+lever]`,
+    `fast@sm80`, `hf+triton`.
 
     Loaders, the bench and validation ask it questions (`is_fast`, `checkpoints_itself`, ...) rather than compare
     strings.
@@ -52,6 +53,10 @@ class Backend:
                 off = tuple(inner[1:].split("-"))
                 levers = tuple(lever for lever in DEFAULT_LEVERS if lever not in off)
                 unknown = set(off) - set(LEVERS)
+            elif inner.startswith("+"):  # fast[+compile_blocks+...]: the default levers and these opt-in ones
+                on = tuple(inner[1:].split("+"))
+                levers = tuple(DEFAULT_LEVERS) + tuple(lever for lever in on if lever not in DEFAULT_LEVERS)
+                unknown = set(on) - set(LEVERS)
             else:
                 levers = () if inner in ("", "none") else tuple(inner.split("+"))
                 unknown = set(levers) - set(LEVERS)
@@ -59,7 +64,7 @@ class Backend:
                 raise ConfigError(f"{option} {spec}: unknown levers {sorted(unknown)}; choose from {LEVERS}")
             return cls("fast", levers, arch)
         raise ConfigError(f"{option}: unknown backend {shown(spec)} (hf, unsloth, fast, fast[lever+...], fast[-lever], "
-                          "fast@sm80, fast+nf4, hf+triton)")
+                          "fast[+lever], fast@sm80, fast+nf4, hf+triton)")
 
     @classmethod
     def from_run(cls, run) -> "Backend":

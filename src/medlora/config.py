@@ -232,6 +232,10 @@ class RunArguments:
         need_count(self.eval_batch_size, "--eval_batch_size", 1, 4096)
         unknown = set(self.fast_levers) - set(LEVERS)
         need(not unknown, f"--fast_levers: unknown {sorted(unknown)}; choose from {LEVERS}")
+        need(not (backend.is_fast and "offload_checkpoints" in self.fast_levers and train is not None
+                  and not (train.gradient_checkpointing and self.fast_checkpoint_blocks)),
+             "--fast_levers offload_checkpoints moves the inputs of checkpointed blocks to the host: it needs "
+             "--gradient_checkpointing true and at least one --fast_checkpoint_blocks kind")
         need(not self.fsdp2 or backend.supports_fsdp2, f"--fsdp2: backend {shown(self.backend)} is not supported with "
              "FSDP2 (fast calls each block's mixers directly, bypassing FSDP2's per-block all-gather; Unsloth patches "
              "the model itself); use --backend hf, or DDP without --fsdp2")

@@ -20,7 +20,9 @@ adapter files); only the backbone's forward is replaced, on this one instance:
   kernels, one pass forward and one backward each (eager they are ~10 elementwise passes over fp32 copies).
 * `compile` (opt-in): the router — and the norms when `triton_norms` is off — run as
   `torch.compile(dynamic=True)` graphs of pure functions equal to transformers' modules.
-* activation checkpointing per block, optionally for some block kinds only (selective).
+* activation checkpointing per block, optionally for some block kinds only (selective); `offload_checkpoints`
+  (opt-in) keeps each checkpointed block's input in pinned host memory until its recompute.
+* `compile_blocks` (opt-in): each block as `torch.compile(dynamic=True)` graphs, the Triton kernels outside them.
 
 Each kernel has an exact PyTorch reference (used on CPU, where the Triton kernels cannot run, and
 in the equivalence tests). `levers` switches kernels off one at a time for the bench.
@@ -28,6 +30,7 @@ in the equivalence tests). `levers` switches kernels off one at a time for the b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.machinery
@@ -41,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention", "stream_padding",
-          "compile")  # each can be switched off
+          "compile", "compile_blocks", "offload_checkpoints")  # each can be switched off
 DEFAULT_LEVERS = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe",
-                  "varlen_attention", "stream_padding")  # `compile`: opt-in (README)
+                  "varlen_attention", "stream_padding")  # the other three: opt-in (README)
 # stream_padding: the stream padded to STREAM_MULTIPLE rows and mamba_ssm's UNSPECIALIZED_ARGS off Triton's
 # specialisation, so no kernel variant is built mid-run; a lever so that its cost can be measured (fast[-...])
 CHECKPOINT_BLOCKS = ("mamba", "attention", "moe", "mlp")  # Nemotron-H block kinds (selective checkpointing)
@@ -231,7 +234,8 @@ class Kernels:
     conv: Any = None  # fla causal_conv1d or None
     varlen_attention: Any = None  # torch varlen_attn or None (SDPA with a block-diagonal mask)
     grouped_lora_moe: bool = True
-    grouped_gemm: str = "grouped_mm"  # "grouped_mm" (torch / transformers) or "loop" (per expert; sm80, fp32)
+    grouped_gemm: str = "grouped_mm"  # "grouped_mm" (torch / transformers), "grouped_mm_eager" (the same, outside
+    # compile_blocks' graphs) or "loop" (per expert; sm80, fp32)
     moe: Any = None  # medlora.fused.MoeKernels (lever fused_moe), or None: the model's act_fn, eager permutes
     rms_norm: Any = None  # the pure functions below (eager, or compiled with `compile`) or the Triton norms
     gated_rms_norm: Any = None
@@ -239,11 +243,14 @@ class Kernels:
     plan: dict = field(default_factory=dict)  # medlora.kernels.plan_fast: part -> Choice
     unspecialized: tuple = ()  # mamba_ssm module.kernel.argument off Triton's specialisation (UNSPECIALIZED_ARGS)
     stream_multiple: int = 1  # the stream's row count is a multiple of this (lever stream_padding: STREAM_MULTIPLE)
+    block_compute: Any = None  # `block_compute`, or its torch.compile graph (lever compile_blocks)
+    offload: Any = None  # HostOffload (lever offload_checkpoints) or None
 
     def __post_init__(self):
         self.rms_norm = self.rms_norm or rms_norm
         self.gated_rms_norm = self.gated_rms_norm or gated_rms_norm
         self.route = self.route or route
+        self.block_compute = self.block_compute or block_compute
 
     def describe(self) -> dict[str, str]:
         from medlora.kernels import describe_plan
@@ -311,8 +318,44 @@ def load_kernels(levers: tuple[str, ...] = DEFAULT_LEVERS, device=None, arch: st
         kernels.rms_norm, kernels.gated_rms_norm = (torch.compile(fn, dynamic=True) for fn in (rms_norm, gated_rms_norm))
     if kernels.plan["router"].kernel.startswith("torch.compile"):
         kernels.route = torch.compile(route, dynamic=True)
+    if "compile_blocks" in levers:
+        compile_blocks(kernels)
+    if "offload_checkpoints" in levers:
+        kernels.offload = HostOffload(device if device is not None else "cpu")
     notes = [f"fast: {c.part}: {c.kernel} ({c.reason})" for c in kernels.plan.values() if c.fallback]
     return kernels, notes
+
+
+COMPILE_BACKEND = "inductor"  # lever compile_blocks; the CPU test traces with "aot_eager" (no C++ build)
+COMPILE_RECOMPILE_LIMIT = 64  # graphs per function: a few per block kind (dynamo's default, 8, would fall back)
+
+
+def compile_blocks(kernels: Kernels) -> None:
+    """Lever `compile_blocks`: `block_compute` as `torch.compile(dynamic=True)` graphs — one per block kind, the
+    token count symbolic, so a new batch length compiles nothing — fusing what runs between the kernels (LoRA
+    scale-and-add, residual, casts, the MoE's routing and permutation arithmetic) forward and backward. The Triton
+    kernels (SSD, conv, norms, relu², gather-sum) and flash attention stay out of the graph (graph breaks):
+    dynamo would have to trace mamba_ssm's autotuned launchers."""
+    from medlora import fused
+
+    disable = torch.compiler.disable
+    for name in ("ssd", "conv", "varlen_attention"):
+        if getattr(kernels, name) is not None:
+            setattr(kernels, name, disable(getattr(kernels, name)))
+    if kernels.plan["norms"].kernel.startswith("mamba_ssm"):
+        kernels.rms_norm, kernels.gated_rms_norm = disable(kernels.rms_norm), disable(kernels.gated_rms_norm)
+    if kernels.moe is not None and kernels.plan["moe_activation"].kernel.startswith("medlora Triton"):
+        kernels.moe = fused.MoeKernels(disable(kernels.moe.relu2), disable(kernels.moe.gather_sum))
+    if kernels.grouped_gemm == "grouped_mm":
+        if not _GROUPED_MM_OUTSIDE_GRAPHS:
+            from transformers.integrations.moe import _grouped_mm
+
+            _GROUPED_MM_OUTSIDE_GRAPHS.append(disable(_grouped_mm))
+        kernels.grouped_gemm = "grouped_mm_eager"
+    fused.keep_permutation_outside_graphs()
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(getattr(dynamo, "recompile_limit", 8), COMPILE_RECOMPILE_LIMIT)
+    kernels.block_compute = torch.compile(block_compute, dynamic=True, backend=COMPILE_BACKEND)
 
 
 def _gemm_kind(plan) -> str:
@@ -519,10 +562,18 @@ def expert_gemm(kind: str, offsets: torch.Tensor):
         return gemm
     from transformers.integrations.moe import _grouped_mm
 
+    mm = _GROUPED_MM_OUTSIDE_GRAPHS[0] if kind == "grouped_mm_eager" else _grouped_mm
+
     def gemm(inputs, weight):
-        return _grouped_mm(inputs.to(weight.dtype), weight, offsets)
+        return mm(inputs.to(weight.dtype), weight, offsets)
 
     return gemm
+
+
+# `_grouped_mm` kept out of compile_blocks' graphs (set by `compile_blocks`, not at import: torch.compiler.disable
+# imports dynamo): it is one CUTLASS kernel already (inductor would autotune templates for it), and transformers'
+# CPU fallback reads the offsets on the host, which AOTAutograd does not trace.
+_GROUPED_MM_OUTSIDE_GRAPHS: list = []
 
 
 def is_relu2(act_fn) -> bool:
@@ -622,6 +673,21 @@ def moe_forward(mixer, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
 BLOCK_KIND = {"linear_attention": "mamba", "full_attention": "attention", "moe": "moe", "mlp": "mlp"}
 
 
+def block_compute(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
+    """One block on the stream: x + mixer(norm(x)). What lever `compile_blocks` compiles, one graph per kind."""
+    kind = BLOCK_KIND.get(block.block_type, block.block_type)
+    normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
+    if kind == "mamba":
+        out = mamba_forward(block.mixer, normed, stream, kernels)
+    elif kind == "attention":
+        out = attention_forward(block.mixer, normed, stream, kernels)
+    elif kind == "moe":
+        out = moe_forward(block.mixer, normed, kernels)
+    else:
+        out = block.mixer(normed)
+    return x + out
+
+
 def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> torch.Tensor:
     kind = BLOCK_KIND.get(block.block_type, block.block_type)
     # Under autocast PEFT's cast of each LoRA input to the fp32 adapter dtype is a round trip (autocast casts it
@@ -633,19 +699,89 @@ def block_forward(block, x: torch.Tensor, stream: Stream, kernels: Kernels) -> t
         layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
     try:
         with torch.profiler.record_function(f"medlora.{kind}"):  # names the block in a bench profile (`_origin`)
-            normed = kernels.rms_norm(x.to(block.norm.weight.dtype), block.norm.weight, block.norm.variance_epsilon)
-            if kind == "mamba":
-                out = mamba_forward(block.mixer, normed, stream, kernels)
-            elif kind == "attention":
-                out = attention_forward(block.mixer, normed, stream, kernels)
-            elif kind == "moe":
-                out = moe_forward(block.mixer, normed, kernels)
-            else:
-                out = block.mixer(normed)
-            return x + out
+            return kernels.block_compute(block, x, stream, kernels)
     finally:
         for layer in lora_layers:
             layer.cast_input_dtype_enabled = True
+
+# ---------------------------------------------------------------- checkpointed inputs offloaded to the host
+
+
+@dataclass
+class _OnHost:
+    device: torch.device
+    host: torch.Tensor  # pinned on a GPU machine
+    index: int  # its place in the forward's order
+    copied: Any = None  # CUDA event: the device-to-host copy is done
+    back: torch.Tensor | None = None  # the copy back to the device, started one layer early
+    arrived: Any = None  # CUDA event: `back` is complete
+
+
+class HostOffload:
+    """Lever `offload_checkpoints`: the input that each checkpointed block keeps for its recompute goes to pinned
+    host memory during the forward and comes back in the backward, one layer ahead of its use (as Unsloth's
+    offloaded checkpointing does). Both copies run on a side stream, so they overlap the layers' kernels.
+
+    Installed as saved-tensor hooks around `torch.utils.checkpoint(use_reentrant=False)`: the checkpoint saves its
+    inputs with `save_for_backward` outside its own hooks, so these see exactly the block inputs ([tokens, hidden]
+    each); what a block saves inside is the checkpoint's (dropped, recomputed). Saves one [tokens, hidden] tensor
+    per checkpointed block of GPU memory; costs two PCIe copies of it per step.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.order: list[_OnHost | None] = []  # this step's offloaded tensors, in forward order; None once used
+        self.bytes = 0  # offloaded by the last forward
+
+    def start_forward(self) -> None:
+        self.order, self.bytes = [], 0
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0 or not tensor.is_floating_point():  # the checkpoint's empty dummy
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.cuda)
+        packed = _OnHost(tensor.device, host, len(self.order))
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the block's input is computed
+            with torch.cuda.stream(self.stream):
+                host.copy_(tensor, non_blocking=True)
+                packed.copied = self.stream.record_event()
+            tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        else:
+            host.copy_(tensor)
+        self.order.append(packed)
+        self.bytes += tensor.numel() * tensor.element_size()
+        return packed
+
+    def _to_device(self, packed: _OnHost) -> torch.Tensor:
+        if packed.back is None:
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    self.stream.wait_event(packed.copied)
+                    packed.back = packed.host.to(packed.device, non_blocking=True)
+                    packed.arrived = self.stream.record_event()
+            else:
+                packed.back = packed.host.to(packed.device)
+        return packed.back
+
+    def unpack(self, packed):
+        if not isinstance(packed, _OnHost):
+            return packed
+        tensor = self._to_device(packed)
+        if self.cuda:
+            current = torch.cuda.current_stream(packed.device)
+            current.wait_event(packed.arrived)
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
+        before = self.order[packed.index - 1] if packed.index > 0 else None
+        if before is not None:  # the backward goes through the blocks in reverse: start the one before on its way
+            self._to_device(before)
+        packed.back = None  # the recompute holds it now; a second backward would copy it again
+        self.order[packed.index] = None  # the pinned buffer goes when autograd drops its saved tensor
+        return tensor
 
 
 # ---------------------------------------------------------------- the backbone forward
@@ -669,9 +805,13 @@ def _fast_backbone_forward(self, input_ids=None, inputs_embeds=None, position_id
         x = x[stream.keep]
     x = F.pad(x, (0, 0, 0, stream.pad))  # zero rows: finite through every norm, router and mixer
     checkpointed = self._medlora_checkpoint_blocks if self.training else ()
+    offload = kernels.offload if checkpointed and torch.is_grad_enabled() else None
+    if offload is not None:
+        offload.start_forward()
     for block in self.layers:
         if BLOCK_KIND.get(block.block_type, block.block_type) in checkpointed:
-            x = torch.utils.checkpoint.checkpoint(block_forward, block, x, stream, kernels, use_reentrant=False)
+            with offload.hooks() if offload is not None else contextlib.nullcontext():
+                x = torch.utils.checkpoint.checkpoint(block_forward, block, x, stream, kernels, use_reentrant=False)
         else:
             x = block_forward(block, x, stream, kernels)
     x = kernels.rms_norm(x, self.norm_f.weight, self.norm_f.variance_epsilon)[:stream.tokens]
@@ -700,6 +840,9 @@ def enable(model, levers: tuple[str, ...] = DEFAULT_LEVERS, gradient_checkpointi
     unknown = set(blocks) - set(CHECKPOINT_BLOCKS)
     if unknown:
         raise MedloraError(f"fast checkpoint blocks: unknown {sorted(unknown)}; choose from {CHECKPOINT_BLOCKS}")
+    if "offload_checkpoints" in levers and not blocks:
+        raise MedloraError("fast lever offload_checkpoints moves the inputs of checkpointed blocks to the host: turn "
+                           "on --gradient_checkpointing (or drop the lever)")
     backbone = backbone_of(model)
     first = next(backbone.parameters())
     kernels, notes = load_kernels(tuple(levers), first.device, arch, first.dtype)

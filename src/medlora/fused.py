@@ -181,6 +181,19 @@ class Permutation:
         return _Combine.apply(rows, self.token, self.inverse, self.k, self.gather_sum)
 
 
+def keep_permutation_outside_graphs() -> None:
+    """Lever compile_blocks: `Permutation.dispatch` / `combine` run eagerly between torch.compile graphs. Traced
+    into a graph by dynamo, their Functions gave the expert LoRA zero gradients (torch 2.11; caught by
+    tests/test_fast.py::test_compiled_blocks_match_eager_with_one_graph_set_for_every_length). Done on first use,
+    not at import: `torch.compiler.disable` imports dynamo (~2.7 s)."""
+    for name in ("dispatch", "combine"):
+        method = getattr(Permutation, name)
+        if not getattr(method, "medlora_outside_graphs", False):
+            eager = torch.compiler.disable(method)
+            eager.medlora_outside_graphs = True
+            setattr(Permutation, name, eager)
+
+
 @dataclass(frozen=True)
 class MoeKernels:
     """What lever `fused_moe` gives the routed experts: Triton on CUDA, the references elsewhere."""

@@ -312,6 +312,17 @@ def plan_fast(levers: tuple[str, ...], cuda: bool, capability: tuple[int, int] |
         plan["router"] = Choice("router", "eager", where + ": lever compile is for GPUs", True)
     else:
         plan["router"] = Choice("router", compiled, "lever compile on")
+    plan["blocks"] = (Choice("blocks", "torch.compile(dynamic=True) of each block, its Triton kernels left out of "
+                             "the graph", "lever compile_blocks on") if "compile_blocks" in levers else
+                      Choice("blocks", "eager", "lever compile_blocks off (default)"))
+    if "offload_checkpoints" not in levers:
+        plan["checkpoint_offload"] = Choice("checkpoint_offload", "none", "lever offload_checkpoints off (default)")
+    elif not cuda:
+        plan["checkpoint_offload"] = Choice("checkpoint_offload", "a host copy (no memory saved)",
+                                            where + ": offloading frees GPU memory only", True)
+    else:
+        plan["checkpoint_offload"] = Choice("checkpoint_offload", "pinned host memory, side-stream copies, one "
+                                            "layer ahead", "lever offload_checkpoints on")
     return plan
 
 
