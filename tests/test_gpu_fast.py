@@ -24,13 +24,14 @@ import pytest
 import torch
 
 from conftest import ROOT, rel
+from medlora.fast import DEFAULT_LEVERS
 from test_gpu import _batch
 
 pytestmark = pytest.mark.gpu
 
 
-EVERY_KERNEL = ("triton_mamba", "triton_norms", "grouped_lora_moe", "fused_moe", "varlen_attention", "stream_padding",
-                "compile")  # every kernel lever of fast; the whole-block graphs and the offload are tested on tiny
+EVERY_KERNEL = DEFAULT_LEVERS + ("compile",)  # every kernel lever of fast; the opt-in block graphs and the offload
+# are tested on the tiny model
 
 
 def report(name, **numbers):
@@ -229,7 +230,7 @@ def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
     mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().cuda()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
-    def step(levers):
+    def step():
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -243,10 +244,10 @@ def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
 
     try:
         fast.enable(model, fast.DEFAULT_LEVERS, gradient_checkpointing=True)
-        eager_loss, eager, eager_held = step(())
+        eager_loss, eager, eager_held = step()
         fast.enable(model, fast.DEFAULT_LEVERS + (lever,), gradient_checkpointing=True)
         for _ in range(3):  # the last of three steps: compiled graphs are reused, host buffers recycled
-            loss, grads, held = step((lever,))
+            loss, grads, held = step()
         kernels = fast.backbone_of(model)._medlora_kernels
     finally:
         fast.enable(model, fast.DEFAULT_LEVERS, gradient_checkpointing=False)

@@ -41,8 +41,9 @@ class BenchArguments:
     model_spec: str = field(default="tiny", metadata={"help": "tiny, nano-quarter (13 of 52 layers), nano-full"})
     backends: list[str] = field(default_factory=lambda: ["hf"], metadata={
         "help": "hf, unsloth, fast (train's default levers), fast[lever+lever] (only those levers on), "
-                "fast[-lever] (the defaults less that one), fast[+lever] (the defaults and that one), a suffix @sm80 (fast with the A100 kernels), +nf4 (fast "
-                "with --load_in_4bit: routed experts and linear layers in NF4), hf+triton (hf with Triton Mamba ops)"})
+                "fast[-lever] (the defaults less that one), fast[+lever] (the defaults and that one), a suffix @sm80 "
+                "(fast with the A100 kernels), +nf4 (fast with --load_in_4bit: routed experts and linear layers in "
+                "NF4), hf+triton (hf with Triton Mamba ops)"})
     bench_steps: int = field(default=10, metadata={"help": "timed optimizer steps per round"})
     bench_warmup_steps: int = field(default=3, metadata={"help": "untimed steps first (compilation, caches)"})
     rounds: int = field(default=2, metadata={"help": "alternating rounds per backend"})
