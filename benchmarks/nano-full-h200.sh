@@ -5,7 +5,8 @@
 #
 # Phases: fast (the headline row, 2 rounds x 20 steps); ab (fast against fast[-stream_padding]); levers and
 # levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); opt-in (the defaults
-# and one opt-in lever: offload_checkpoints, compile_blocks); checkpointing
+# and one opt-in lever: offload_checkpoints, compile_blocks); compile-blocks (fast[+compile_blocks] alone, 12 steps:
+# its per-step record of recompiles and slow steps); checkpointing
 # (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines (unsloth
 # and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend); gpu-tests
 # (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
@@ -43,6 +44,8 @@ for phase in "$@"; do
                   --backends fast 'fast[-fused_moe]' 'fast[-grouped_lora_moe]' 'fast[-triton_mamba]' ;;
     opt-in) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag opt-in-b176 \
               --backends fast 'fast[+offload_checkpoints]' 'fast[+compile_blocks]' ;;
+    compile-blocks) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 12 --tag compile-blocks-b176 \
+                      --backends 'fast[+compile_blocks]' ;;
     checkpointing)  # one run per setting: a backend takes one checkpointing setting per run
       for blocks in true moe mamba false; do
         in_memory --per_device_train_batch_size 64 --rounds 1 --bench_steps 8 --tag "checkpointing-$blocks-b64" \
@@ -57,7 +60,7 @@ for phase in "$@"; do
                --bench_warmup_steps 3 --tag quarter ;;
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
-    *) echo "unknown phase $phase (fast ab levers levers-moe opt-in checkpointing baselines quarter" \
-            "gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (fast ab levers levers-moe opt-in compile-blocks checkpointing baselines" \
+            "quarter gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
   esac
 done
