@@ -6,9 +6,10 @@
 # Phases: fast (the headline row, 2 rounds x 20 steps); ab (fast against fast[-stream_padding]); levers and
 # levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); opt-in (the defaults
 # and one opt-in lever: offload_checkpoints, compile_blocks); compile-blocks (fast[+compile_blocks] alone, 12 steps:
-# its per-step record of recompiles and slow steps); checkpointing
-# (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines (unsloth
-# and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend); gpu-tests
+# its per-step record of recompiles and slow steps; it outran 230 s on 2026-12-03: give it a GPU job of its own);
+# checkpointing (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines
+# (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend; it
+# outran one 10-minute GPU job on 2026-12-03, README says how it was split); gpu-tests
 # (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
 # on a cold machine): the GPU equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
 # Each bench phase but checkpointing is one `medlora bench` run, so its rows compare within it.
