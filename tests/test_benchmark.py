@@ -82,7 +82,8 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     from conftest import SAMPLE, run_cli
 
     proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
-                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--nproc_per_node", "2",
+                    "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--profile_step", "1",
+                    "--nproc_per_node", "2",
                     "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
                     "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
                     "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
@@ -92,10 +93,12 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     by = {r["backend"]: r for r in out["results"]}
     assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
     assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
-    # selective checkpointing reaches the fast forward; the profiled last step is reported, not timed
+    # selective checkpointing reaches the fast forward; the profiled step (the first timed one, --profile_step 1:
+    # step 2 after one warm-up step) is reported, not timed
     assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
     assert by["fast"]["backend_report"]["gradient_checkpointing"].endswith("moe+mamba")
-    assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_last_step"][0]["ms"] > 0
+    assert by["fast"]["step_s"]["n"] == 1 and by["fast"]["profile_top_kernels"][0]["ms"] > 0
+    assert by["fast"]["profiled_step"] == 2 and [s["step"] for s in by["fast"]["steps"]] == [3]
     # the breakdown names where an op's calls come from: the grouped GEMMs of the routed experts, in the forward
     # (labelled block), and in the backward (autograd node); on CPU in fp32 each call loops (child ops)
     breakdown = by["fast"]["profile_breakdown"]
@@ -231,6 +234,33 @@ def test_backends_are_parsed_once_into_one_object():
     for bad in ("fast@sm70", "hf@sm80", "fast[warp]", "fast[-warp]", "fast[+warp]", "jax", "hf+nf4", "unsloth+nf4", "fast+nf4+nf4"):
         with pytest.raises(ConfigError):
             Backend.parse(bad)
+
+
+def test_the_profiled_step_is_left_out_of_the_timing_wherever_it_falls():
+    """A worker's record: 2 warm-up steps, then 4 steps of which one was profiled (the last, the default, or one
+    picked with --profile_step): the other three count, each with its own tokens, and keep their step numbers."""
+    from medlora.benchmark import summarise_backend, timed_steps
+
+    def worker(profiled):
+        return {"backend": "fast", "timed_from_step": 2, "profiled_step": profiled,
+                "step_times": [9.0, 9.0, 1.0, 2.0, 4.0, 8.0], "step_causes": [{"gc_s": i} for i in range(6)],
+                "tokens_per_step": [(10, 5, 16), (20, 10, 32), (40, 20, 64), (80, 40, 128)],
+                "world_size": 1, "flops_per_token": 1.0, "flops_per_token_lora": 1.0, "mean_tokens_per_sample": 5.0,
+                "peak_mem_gib": 1.0, "trainable_params": 1, "params": {}, "load_s": 0.0,
+                "gradient_checkpointing": True, "backend_report": {}, "profile_top_kernels": [{"ms": 1.0}],
+                "profile_breakdown": {}}
+
+    for profiled, kept in ((5, [2, 3, 4]), (3, [2, 4, 5]), (None, [2, 3, 4, 5])):
+        run = worker(profiled)
+        steps = timed_steps([run])
+        assert [s["step"] for s in steps] == [i + 1 for i in kept]
+        assert [(s["s"], s["tokens"], s["gc_s"]) for s in steps] == [
+            (run["step_times"][i], run["tokens_per_step"][i - 2][0], i) for i in kept]
+        summary = summarise_backend([run], batch=2, gpu=None)
+        times = [run["step_times"][i] for i in kept]
+        assert summary["step_s"]["n"] == len(kept) and summary["step_s"]["max"] == max(times)
+        assert summary["tokens_per_s"] == round(sum(run["tokens_per_step"][i - 2][0] for i in kept) / sum(times), 1)
+        assert summary.get("profiled_step") == (None if profiled is None else profiled + 1)
 
 
 def test_bench_report_reads_bench_results_only_and_compares_each_model_and_gpu(tmp_path):
@@ -442,31 +472,35 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     recorder.chmod(0o755)
     env = {**os.environ, "MEDLORA": f"{recorder} medlora", "PYTEST": f"{recorder} pytest",
            "RESULTS": str(tmp_path / "results")}
-    phases = ["fast", "ab", "levers", "levers-moe", "opt-in", "checkpointing", "baselines", "quarter", "gpu-tests",
-              "gpu-tests-nano"]
+    script = (ROOT / "benchmarks" / "nano-full-h200.sh").read_text()
+    phases = re.findall(r"^    ([a-z][a-z-]*)\)", script, re.M)  # every phase the script has, in its order
+    assert {"fast", "ab", "checkpointing", "quarter", "gpu-tests", "gpu-tests-nano"} <= set(phases)
+    benches = len(phases) - 2 + 3  # the two test phases call pytest; checkpointing runs four benches
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), *phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "checkpointing false: bench exited 2" in proc.stderr
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [argv[0] for argv in recorded] == ["medlora"] * 11 + ["pytest"] * 2
+    assert sorted(argv[0] for argv in recorded) == ["medlora"] * benches + ["pytest"] * 2
+    tests = [argv for argv in recorded if argv[0] == "pytest"]
+    recorded = [argv for argv in recorded if argv[0] == "medlora"]
     tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
-    for argv in recorded[:11]:
+    for argv in recorded:
         assert argv[1] == "bench"
         bench, _ = parse_config(argv[2:], COMMANDS["bench"].sections(), "medlora bench")
         bench.validate()
         assert all(Backend.parse(spec) for spec in bench.backends) and bench.results_dir == str(tmp_path / "results")
         tags.append(bench.tag)
         backends |= set(bench.backends)
-    assert len(set(tags)) == 11  # one result file name per run
+    assert len(set(tags)) == benches  # one result file name per run
     assert {f"fast[-{lever}]" for lever in fast.DEFAULT_LEVERS} <= backends  # every default lever gets its row
     opt_in = set(fast.LEVERS) - set(fast.DEFAULT_LEVERS) - {"compile"}  # compile: its own A/B (README)
     assert {f"fast[+{lever}]" for lever in opt_in} <= backends  # and every opt-in lever
-    assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded[5:9]} == {
-        "fast=true", "fast=moe", "fast=mamba", "fast=false"}
+    assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded
+            if "--backend_gradient_checkpointing" in argv} == {"fast=true", "fast=moe", "fast=mamba", "fast=false"}
     selected = []
-    for argv in recorded[11:]:
+    for argv in tests:
         options = argv[argv.index("--durations=0") + 1:]
         listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                   *options], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -52,6 +52,7 @@ ACCEPTED = {
     ("BenchArguments", "backend_batch_size"): [[]],
     ("BenchArguments", "backend_gradient_checkpointing"): [[]],
     ("BenchArguments", "seed"): [0],
+    ("BenchArguments", "profile_step"): [0],  # 0: the last timed step
     ("BenchArguments", "tag"): [""],
     ("LossBenchArguments", "warmup"): [0],
     ("LossBenchArguments", "seed"): [0],

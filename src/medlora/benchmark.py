@@ -59,7 +59,11 @@ class BenchArguments:
         "help": "per-backend activation checkpointing, e.g. hf=false fast=true; fast also takes block kinds "
                 "(selective), e.g. fast=moe+mamba"})
     profile: bool = field(default=False, metadata={
-        "help": "profile the last timed step of each worker (torch.profiler): top GPU kernels in the JSON"})
+        "help": "profile one timed step of each worker (torch.profiler, the last unless --profile_step): top GPU "
+                "kernels, device-busy time and idle gaps in the JSON; that step is reported, not timed"})
+    profile_step: int = field(default=0, metadata={
+        "help": "with --profile: which timed step to profile, 1 = the first (to see inside an outlier step the "
+                "JSON's steps[*] named); 0 = the last"})
     experts_implementation: str | None = field(default="grouped_mm", metadata={"help": "MoE experts kernel"})
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
@@ -118,6 +122,9 @@ class BenchArguments:
         for name, low in (("bench_steps", 1), ("rounds", 1), ("bench_warmup_steps", 0), ("max_length", 17),
                           ("nproc_per_node", 1)):
             need(getattr(self, name) >= low, f"--{name} must be >= {low}, got {getattr(self, name)}")
+        need(0 <= self.profile_step <= self.bench_steps,
+             f"--profile_step must be 0 (the last) to --bench_steps ({self.bench_steps}), got {self.profile_step}")
+        need(self.profile or not self.profile_step, "--profile_step needs --profile true")
         need(not self.in_memory or self.model_spec in ("tiny", *SPECS),
              f"--in_memory builds tiny or {sorted(SPECS)}; got --model_spec {shown(self.model_spec)}")
 
@@ -341,6 +348,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     causes = StepCauses(device if cuda else None)
     profile: list[dict[str, Any]] = []
     profile_detail: dict[str, Any] = {}
+    # index into step_times of the profiled step: by default the last, after the timed ones are settled
+    profiled = args.bench_warmup_steps + args.profile_step - 1 if args.profile_step else steps - 1
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -348,7 +357,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
                 torch.cuda.synchronize()
             causes.begin()
             self.profiler = None
-            if args.profile and len(step_times) == steps - 1:  # the last step, after the timed ones are settled
+            if args.profile and len(step_times) == profiled:
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
                 self.profiler.__enter__()
@@ -362,7 +371,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
                 step_times.append(time.perf_counter() - self.t0)
                 return
             self.profiler.__exit__(None, None, None)
-            step_times.append(time.perf_counter() - self.t0)  # profiled: reported, not timed (see timed_steps)
+            step_times.append(time.perf_counter() - self.t0)  # profiled: reported, not timed (see timed_indices)
             profile.extend(top_kernels(self.profiler, cuda))
             profile_detail.update(profile_breakdown(self.profiler, cuda, step_times[-1]))
 
@@ -388,8 +397,8 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         "step_causes": step_causes,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
         "timed_from_step": args.bench_warmup_steps,
-        "timed_steps": args.bench_steps - (1 if args.profile else 0),
-        "profile_last_step": profile,
+        "profiled_step": profiled if args.profile else None,
+        "profile_top_kernels": profile,
         "profile_breakdown": profile_detail,
         "mean_tokens_per_sample": statistics.fmean(lengths),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
@@ -696,18 +705,21 @@ def profile_breakdown(profiler, cuda: bool, step_s: float, ops: int = 6, origins
 # ---------------------------------------------------------------- driver
 
 
+def timed_indices(run: dict[str, Any]) -> list[int]:
+    """Indices into a worker's step_times that count: after the warm-up, without the profiled step."""
+    return [i for i in range(run["timed_from_step"], len(run["step_times"])) if i != run.get("profiled_step")]
+
+
 def timed_steps(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every timed step of every round: round, step, seconds, real and padded tokens (kept in the JSON, so an
     outlier can be traced afterwards: a new padded length, the first step of a round, ...)."""
     steps = []
     for round_index, run in enumerate(runs):
-        start = run["timed_from_step"]
-        timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
-        causes = run.get("step_causes", [])[start:]
-        for offset, (seconds, tokens) in enumerate(zip(timed, run["tokens_per_step"])):
-            steps.append({"s": round(seconds, 4), "round": round_index + 1, "step": start + offset + 1,
-                          "tokens": tokens[0], "padded_tokens": tokens[2],
-                          **(causes[offset] if offset < len(causes) else {})})
+        start, causes = run["timed_from_step"], run.get("step_causes", [])
+        for i in timed_indices(run):
+            tokens = run["tokens_per_step"][i - start]
+            steps.append({"s": round(run["step_times"][i], 4), "round": round_index + 1, "step": i + 1,
+                          "tokens": tokens[0], "padded_tokens": tokens[2], **(causes[i] if i < len(causes) else {})})
     return steps
 
 
@@ -723,10 +735,9 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
                     "error": next(r["error"] for r in runs if r.get(outcome)), "tokens_per_s": None}
     times, tokens, trained, padded = [], 0, 0, 0
     for run in runs:
-        start = run["timed_from_step"]
-        timed = run["step_times"][start:start + run.get("timed_steps", len(run["step_times"]) - start)]
-        times += timed
-        for (t, tr, pad), _ in zip(run["tokens_per_step"], timed):
+        for i in timed_indices(run):
+            t, tr, pad = run["tokens_per_step"][i - run["timed_from_step"]]
+            times.append(run["step_times"][i])
             tokens, trained, padded = tokens + t, trained + tr, padded + pad
     total = sum(times)
     first = runs[0]
@@ -767,8 +778,8 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "load_s": [r["load_s"] for r in runs],
         "gradient_checkpointing": first["gradient_checkpointing"],
         "backend_report": first["backend_report"],
-        **({"profile_last_step": first["profile_last_step"]} if first.get("profile_last_step") else {}),
-        **({"profile_breakdown": first["profile_breakdown"]} if first.get("profile_breakdown") else {}),
+        **({"profiled_step": first["profiled_step"] + 1, "profile_top_kernels": first["profile_top_kernels"],
+            "profile_breakdown": first["profile_breakdown"]} if first.get("profiled_step") is not None else {}),
     }
 
 
