@@ -46,8 +46,9 @@ for phase in "$@"; do
                   --backends fast 'fast[-fused_moe]' 'fast[-grouped_lora_moe]' 'fast[-triton_mamba]' ;;
     opt-in) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 8 --tag opt-in-b176 \
               --backends fast 'fast[+offload_checkpoints]' 'fast[+compile_blocks]' ;;
-    compile-blocks) in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 12 --tag compile-blocks-b176 \
-                      --backends 'fast[+compile_blocks]' ;;
+    compile-blocks)  # TORCH_LOGS=recompiles: dynamo prints the guard that failed for each recompile
+      TORCH_LOGS=${TORCH_LOGS:-recompiles} in_memory --per_device_train_batch_size 176 --rounds 1 --bench_steps 12 \
+        --tag compile-blocks-b176 --backends 'fast[+compile_blocks]' ;;
     checkpointing)  # one run per setting: a backend takes one checkpointing setting per run
       for blocks in true moe mamba false; do
         in_memory --per_device_train_batch_size 64 --rounds 1 --bench_steps 8 --tag "checkpointing-$blocks-b64" \
