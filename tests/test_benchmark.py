@@ -482,7 +482,7 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     assert "checkpointing false: bench exited 2" in proc.stderr
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     assert sorted(argv[0] for argv in recorded) == ["medlora"] * benches + ["pytest"] * 2
-    tests = [argv for argv in recorded if argv[0] == "pytest"]
+    pytest_calls = [argv for argv in recorded if argv[0] == "pytest"]
     recorded = [argv for argv in recorded if argv[0] == "medlora"]
     tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
@@ -500,7 +500,7 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded
             if "--backend_gradient_checkpointing" in argv} == {"fast=true", "fast=moe", "fast=mamba", "fast=false"}
     selected = []
-    for argv in tests:
+    for argv in pytest_calls:
         options = argv[argv.index("--durations=0") + 1:]
         listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                   *options], cwd=ROOT, capture_output=True, text=True, timeout=120)
