@@ -175,6 +175,41 @@ def test_stream_builds_fla_conv_chunk_table_once_from_the_host_copy():
     assert torch.equal(chunks, want) and len(chunks) == 3 + 1 + 1 + 2 + 4
 
 
+def test_stream_builds_what_the_kernels_read_before_the_first_block(monkeypatch):
+    """Stream.derive_for (called by the forward before any block): the SSD's seq_idx and the conv's cu_seqlens and
+    chunk table, each built once; nothing for a kernel that is off. Built inside a block instead, compile_blocks'
+    graphs traced the build and recompiled on each of the first batches (dynamo guarded on fla's cache)."""
+    import sys
+    from types import SimpleNamespace
+
+    calls = []
+
+    def prepare_chunk_indices(cu_seqlens, chunk_size, cu_seqlens_cpu=None):
+        calls.append((cu_seqlens, chunk_size, cu_seqlens_cpu))
+        return torch.zeros(1, 2, dtype=torch.long)
+
+    fla_utils = SimpleNamespace(prepare_chunk_indices=prepare_chunk_indices)  # fla-core's, whose cache dynamo traced
+    for name, module in (("fla", SimpleNamespace(ops=None)), ("fla.ops", SimpleNamespace(utils=fla_utils)),
+                         ("fla.ops.utils", fla_utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+    mask = torch.stack([torch.arange(90) < n for n in (90, 17, 40)]).long()
+    for ssd, conv, built in ((None, None, set()), (object(), None, {"seq_idx"}),
+                             (None, object(), {"cu_seqlens_long", "conv_chunks_64"}),
+                             (object(), object(), {"seq_idx", "cu_seqlens_long", "conv_chunks_64"})):
+        calls.clear()
+        stream = fast.make_stream((3, 90), "cpu", mask, multiple=16)
+        stream.derive_for(SimpleNamespace(ssd=ssd, conv=conv))
+        assert set(stream._derived) == built
+        entries = dict(stream._derived)
+        assert stream.seq_idx is entries.get("seq_idx", stream.seq_idx)  # later reads: the same tensors
+        if conv is not None:
+            assert stream.conv_chunk_indices() is entries["conv_chunks_64"] and len(calls) == 1
+            cu, chunk, host = calls[0]
+            assert cu is entries["cu_seqlens_long"] and cu.dtype == torch.long and chunk == 64
+            assert torch.equal(host, stream.cu_seqlens_host) and torch.equal(cu, stream.cu_seqlens.long())
+    assert torch.equal(stream.seq_idx, stream.seq_id.to(torch.int32).unsqueeze(0))
+
+
 def test_ssd_reference_matches_a_plain_recurrence():
     """The chunked SSD reference (with sequence resets) == the token-by-token Mamba2 recurrence."""
     torch.manual_seed(0)

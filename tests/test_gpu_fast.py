@@ -211,7 +211,8 @@ def _compare(got, want):
 def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
     """Levers offload_checkpoints and compile_blocks (inductor) on a GPU against the eager fast forward, every block
     checkpointed (tiny model, fp32, TF32 off), on the third step of each: the loss and every LoRA gradient; the
-    offloaded step holds less GPU memory after its forward, by about the bytes it moved to pinned host memory."""
+    offloaded step holds less GPU memory after its forward, by about the bytes it moved to pinned host memory; five
+    batches of new lengths after the compiled steps compile no graph and no frame of fla-core."""
     import copy
 
     from medlora import fast
@@ -224,13 +225,16 @@ def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    g = torch.Generator().manual_seed(0)
-    lengths = [300, 170, 410, 90]
-    ids = torch.randint(5, 2048, (len(lengths), max(lengths)), generator=g).cuda()
-    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().cuda()
-    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
-    def step():
+    def batch(lengths, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(5, 2048, (len(lengths), max(lengths)), generator=g).cuda()
+        mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().cuda()
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    inputs = batch([300, 170, 410, 90])
+
+    def step(inputs=inputs):
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -250,6 +254,11 @@ def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
         for _ in range(3):  # the last of three steps: compiled graphs are reused, host buffers recycled
             loss, grads, held = step()
         kernels = fast.backbone_of(model)._medlora_kernels
+        if lever == "compile_blocks":  # new lengths, so new streams: more than fla-core's tensor cache holds (4)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            for seed in range(1, 6):
+                step(batch([96 + 37 * seed, 250 - 21 * seed, 64 * seed], seed))
+            recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     finally:
         fast.enable(model, fast.DEFAULT_LEVERS, gradient_checkpointing=False)
     assert set(grads) == set(eager) and eager
@@ -257,8 +266,18 @@ def test_opt_in_levers_keep_every_gradient_on_the_tiny_model(tiny, lever):
                    eager_held_mib=eager_held / 2**20, grad_max=max(rel(grads[n], g) for n, g in eager.items()))
     if lever == "offload_checkpoints":
         numbers["moved_mib"] = kernels.offload.bytes / 2**20
+    if lever == "compile_blocks":  # the stream's tensors are built before the blocks (Stream.derive_for), so no
+        # graph traces their build: dynamo guarded on fla's cache and recompiled per batch (nano-full, 2026-12-03)
+        from fla.ops.utils import prepare_chunk_indices
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        numbers["recompiled_graphs"] = recompiled
+        numbers["fla_frames_compiled"] = sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in
+                                             (prepare_chunk_indices, prepare_chunk_indices.__wrapped__))
     report(f"{lever}-tiny-float32", **numbers)
     assert numbers["loss"] < 1e-5 and numbers["grad_max"] < 1e-4, numbers
+    if lever == "compile_blocks":
+        assert numbers["recompiled_graphs"] == 0 and numbers["fla_frames_compiled"] == 0, numbers
     if lever == "offload_checkpoints":
         assert numbers["moved_mib"] > 0 and eager_held - held >= 0.9 * kernels.offload.bytes, numbers
 
