@@ -6,11 +6,13 @@
 # Phases: fast (the headline row, 2 rounds x 20 steps); ab (fast against fast[-stream_padding]); levers and
 # levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); opt-in (the defaults
 # and one opt-in lever: offload_checkpoints, compile_blocks); compile-blocks (fast[+compile_blocks] alone, 12 steps:
-# its per-step record of recompiles and slow steps; it outran 230 s on 2026-12-03: give it a GPU job of its own);
+# its per-step record of recompiles and slow steps; 197 s after other phases, stopped at 230 s twice (once on a fresh
+# machine), 2026-12-03: give it a GPU job of its own);
 # checkpointing (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines
 # (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend; it
-# outran one 10-minute GPU job on 2026-12-03, README says how it was split); profile-hftriton (a profile of
-# hf+triton's slow step on nano-quarter); gpu-tests
+# outran one 10-minute GPU job on 2026-12-03, README says how it was split); grouped-lora-quarter (the grouped-LoRA
+# MoE against PEFT's W + BA on nano-quarter, built on the GPU); profile-hftriton (a profile of hf+triton's slow step
+# on nano-quarter); gpu-tests
 # (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
 # on a cold machine): the GPU equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
 # Each bench phase but checkpointing is one `medlora bench` run, so its rows compare within it.
@@ -61,12 +63,15 @@ for phase in "$@"; do
     quarter) bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends fast hf+triton unsloth hf \
                --per_device_train_batch_size 16 --backend_batch_size fast=256 --rounds 1 --bench_steps 8 \
                --bench_warmup_steps 3 --tag quarter ;;
+    grouped-lora-quarter) bench --model_spec nano-quarter --in_memory true --bench_warmup_steps 3 \
+                            --per_device_train_batch_size 256 --rounds 1 --bench_steps 8 --tag grouped-lora-quarter \
+                            --backends fast 'fast[-grouped_lora_moe]' ;;
     profile-hftriton)  # inside hf+triton's slow step: the 2nd timed step, the batch with 3,104 padded tokens
       bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends hf+triton --per_device_train_batch_size 16 \
         --rounds 1 --bench_steps 8 --bench_warmup_steps 3 --profile true --profile_step 2 --tag profile-hftriton ;;
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
     *) echo "unknown phase $phase (fast ab levers levers-moe opt-in compile-blocks checkpointing baselines" \
-            "quarter profile-hftriton gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
+            "quarter grouped-lora-quarter profile-hftriton gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
   esac
 done
