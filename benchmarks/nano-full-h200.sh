@@ -12,15 +12,19 @@
 # (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend; it
 # outran one 10-minute GPU job on 2026-12-03, README says how it was split); grouped-lora-quarter (the grouped-LoRA
 # MoE against PEFT's W + BA on nano-quarter, built on the GPU); profile-hftriton (a profile of hf+triton's slow step
-# on nano-quarter); gpu-tests
+# on nano-quarter); sdpa-first-call (SDPA's first forward + backward at each new length, per backend:
+# benchmarks/sdpa_first_call.py); sdpa-cudnn-quarter (hf+triton on nano-quarter with SDPA's cuDNN backend on, then
+# off: two runs, since the switch is process-wide); gpu-tests
 # (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
 # on a cold machine): the GPU equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
 # Each bench phase but checkpointing is one `medlora bench` run, so its rows compare within it.
 # MEDLORA: how to call the CLI (default `uv run medlora`); PYTEST: how to call pytest (default `uv run pytest`);
+# PYTHON: how to run a script (default `uv run python`);
 # DATA: MedMCQA JSON lines (default the shared dev split); RESULTS: where the JSON, .md and .png go.
 set -euo pipefail
 MEDLORA=${MEDLORA:-uv run medlora}
 PYTEST=${PYTEST:-uv run pytest}
+PYTHON=${PYTHON:-uv run python}
 DATA=${DATA:-../shared/data/medmcqa/dev.jsonl}
 RESULTS=${RESULTS:-benchmarks/results}
 SHM=${SHM:-/dev/shm/bench-models}  # a saved copy for the loaders that read one (hf, unsloth)
@@ -69,9 +73,17 @@ for phase in "$@"; do
     profile-hftriton)  # inside hf+triton's slow step: the 2nd timed step, the batch with 3,104 padded tokens
       bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends hf+triton --per_device_train_batch_size 16 \
         --rounds 1 --bench_steps 8 --bench_warmup_steps 3 --profile true --profile_step 2 --tag profile-hftriton ;;
+    sdpa-first-call) mkdir -p "$RESULTS"
+      $PYTHON benchmarks/sdpa_first_call.py --out "$RESULTS/sdpa-first-call-$(date -u +%F).json" ;;
+    sdpa-cudnn-quarter)  # hf+triton's slow step with and without cuDNN attention; the model built on the GPU
+      for cudnn in true false; do
+        bench --model_spec nano-quarter --in_memory true --backends hf+triton --per_device_train_batch_size 16 \
+          --rounds 1 --bench_steps 8 --bench_warmup_steps 3 --sdpa_cudnn $cudnn --tag "sdpa-cudnn-$cudnn"
+      done ;;
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
     *) echo "unknown phase $phase (fast ab levers levers-moe opt-in compile-blocks checkpointing baselines" \
-            "quarter grouped-lora-quarter profile-hftriton gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
+            "quarter grouped-lora-quarter profile-hftriton sdpa-first-call sdpa-cudnn-quarter gpu-tests" \
+            "gpu-tests-nano)" >&2; exit 2 ;;
   esac
 done

@@ -21,6 +21,7 @@ def test_bench_runs_hf_and_fast_variants_and_reports_ratios(tmp_path):
     out = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     by = {r["backend"]: r for r in out["results"]}
     assert set(by) == {"hf", "fast", "fast[none]", "fast+nf4"}
+    assert all(r["sdpa_cudnn"] is True for r in by.values())  # torch's default, left alone unless told
     # the 4-bit row (loaded from the saved model, as a checkpoint is): same LoRA, its experts in NF4, said so
     assert by["fast+nf4"]["trainable_params"] == by["fast"]["trainable_params"] > 0
     quantization = by["fast+nf4"]["backend_report"]["quantization"]
@@ -83,7 +84,7 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
 
     proc = run_cli(["bench", "--model_spec", "tiny", "--in_memory", "true", "--backends", "hf", "fast",
                     "--backend_gradient_checkpointing", "fast=moe+mamba", "--profile", "true", "--profile_step", "1",
-                    "--nproc_per_node", "2",
+                    "--nproc_per_node", "2", "--sdpa_cudnn", "false",
                     "--per_device_train_batch_size", "4", "--bench_steps", "2", "--bench_warmup_steps", "1",
                     "--rounds", "1", "--optim", "adamw_torch", "--data_path", str(SAMPLE),
                     "--results_dir", str(tmp_path / "results"), "--model_cache_dir", str(tmp_path / "models")])
@@ -93,6 +94,8 @@ def test_bench_in_memory_builds_the_model_in_each_worker(tmp_path):
     by = {r["backend"]: r for r in out["results"]}
     assert by["fast"]["trainable_params"] == by["hf"]["trainable_params"] > 0
     assert "built in memory" in by["hf"]["backend_report"]["model"] and by["fast"]["backend_report"]["levers"]
+    # --sdpa_cudnn false reached every worker (torch's default is on); the cuDNN version is recorded
+    assert [r["sdpa_cudnn"] for r in by.values()] == [False, False] and "cudnn" in out["versions"]
     # selective checkpointing reaches the fast forward; the profiled step (the first timed one, --profile_step 1:
     # step 2 after one warm-up step) is reported, not timed
     assert by["fast"]["gradient_checkpointing"] == "moe+mamba"
@@ -471,18 +474,25 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
                         "sys.exit(2 if 'fast=false' in sys.argv else 0)\n")  # as an out-of-memory bench exits
     recorder.chmod(0o755)
     env = {**os.environ, "MEDLORA": f"{recorder} medlora", "PYTEST": f"{recorder} pytest",
-           "RESULTS": str(tmp_path / "results")}
+           "PYTHON": f"{recorder} python", "RESULTS": str(tmp_path / "results")}
     script = (ROOT / "benchmarks" / "nano-full-h200.sh").read_text()
     phases = re.findall(r"^    ([a-z][a-z-]*)\)", script, re.M)  # every phase the script has, in its order
     assert {"fast", "ab", "checkpointing", "quarter", "gpu-tests", "gpu-tests-nano"} <= set(phases)
-    benches = len(phases) - 2 + 3  # the two test phases call pytest; checkpointing runs four benches
+    # the two test phases call pytest, sdpa-first-call a script; checkpointing runs four benches, sdpa-cudnn two
+    benches = len(phases) - 3 + 3 + 1
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), *phases], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "checkpointing false: bench exited 2" in proc.stderr
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert sorted(argv[0] for argv in recorded) == ["medlora"] * benches + ["pytest"] * 2
+    assert sorted(argv[0] for argv in recorded) == ["medlora"] * benches + ["pytest"] * 2 + ["python"]
     pytest_calls = [argv for argv in recorded if argv[0] == "pytest"]
+    script_call = next(argv for argv in recorded if argv[0] == "python")
+    assert (ROOT / script_call[1]).is_file() and script_call[2] == "--out"
+    # off a GPU the script says so and exits non-zero: what it measures needs CUDA
+    refused = subprocess.run([sys.executable, script_call[1], "--out", str(tmp_path / "sdpa.json")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "NVIDIA GPU" in refused.stderr and not (tmp_path / "sdpa.json").exists()
     recorded = [argv for argv in recorded if argv[0] == "medlora"]
     tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine
@@ -499,6 +509,7 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     assert {f"fast[+{lever}]" for lever in opt_in} <= backends  # and every opt-in lever
     assert {argv[argv.index("--backend_gradient_checkpointing") + 1] for argv in recorded
             if "--backend_gradient_checkpointing" in argv} == {"fast=true", "fast=moe", "fast=mamba", "fast=false"}
+    assert {argv[argv.index("--sdpa_cudnn") + 1] for argv in recorded if "--sdpa_cudnn" in argv} == {"true", "false"}
     selected = []
     for argv in pytest_calls:
         options = argv[argv.index("--durations=0") + 1:]

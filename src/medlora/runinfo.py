@@ -26,6 +26,7 @@ def versions() -> dict[str, Any]:
     import torch
 
     out["cuda"] = torch.version.cuda
+    out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if out["mamba_ssm"] is None:  # backend fast's Triton ops come from medlora's kernel cache, not a package
         from medlora.kernels import MAMBA_SSM_VERSION, cached_mamba_ssm
 
