@@ -15,8 +15,9 @@
 # on nano-quarter); sdpa-first-call (SDPA's first forward + backward at each new length, per backend:
 # benchmarks/sdpa_first_call.py); sdpa-cudnn-quarter (hf+triton on nano-quarter with SDPA's cuDNN backend on, then
 # off: two runs, since the switch is process-wide); gpu-tests
-# (the Triton kernel tests and the tiny 4-bit train) and gpu-tests-nano (fast against hf on nano-quarter, ~7 min
-# on a cold machine): the GPU equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
+# (the Triton kernel tests, ~5 min on a fresh machine, the opt-in lever cases, ~2.5 min for offload_checkpoints, and
+# the tiny 4-bit train, ~2 min; 2026-12-03) and gpu-tests-nano (fast against hf on nano-quarter, 4-7 min): the GPU
+# equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
 # Each bench phase but checkpointing is one `medlora bench` run, so its rows compare within it.
 # MEDLORA: how to call the CLI (default `uv run medlora`); PYTEST: how to call pytest (default `uv run pytest`);
 # PYTHON: how to run a script (default `uv run python`);
