@@ -74,8 +74,7 @@ for phase in "$@"; do
     profile-hftriton)  # inside hf+triton's slow step: the 2nd timed step, the batch with 3,104 padded tokens
       bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends hf+triton --per_device_train_batch_size 16 \
         --rounds 1 --bench_steps 8 --bench_warmup_steps 3 --profile true --profile_step 2 --tag profile-hftriton ;;
-    sdpa-first-call) mkdir -p "$RESULTS"
-      $PYTHON benchmarks/sdpa_first_call.py --out "$RESULTS/sdpa-first-call-$(date -u +%F).json" ;;
+    sdpa-first-call) $PYTHON benchmarks/sdpa_first_call.py --results_dir "$RESULTS" ;;
     sdpa-cudnn-quarter)  # hf+triton's slow step with and without cuDNN attention; the model built on the GPU
       for cudnn in true false; do
         bench --model_spec nano-quarter --in_memory true --backends hf+triton --per_device_train_batch_size 16 \

@@ -1,7 +1,7 @@
 """How long SDPA's first call at a new sequence length takes, per backend: is hf+triton's slow step (README,
 phase profile-hftriton) cuDNN building something for a length it has not seen? Run on a GPU, from the root:
 
-    uv run python benchmarks/sdpa_first_call.py --out benchmarks/results/sdpa-first-call.json
+    uv run python benchmarks/sdpa_first_call.py --results_dir benchmarks/results
 
 Each backend runs in a process of its own, so none inherits another's caches. The call is transformers'
 NemotronH SDPA call on nano-quarter's bench batches: batch 16, 32 heads (the 2 KV heads repeated, as
@@ -56,7 +56,8 @@ def worker(backend: str, batch: int, heads: int, head_dim: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--results_dir", default="benchmarks/results",
+                        help="where <date>-<gpu>-sdpa-first-call.json goes (an existing one is never overwritten)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heads", type=int, default=32)
@@ -73,7 +74,7 @@ def main() -> None:
 
     runs = []
     for backend in BACKENDS:
-        proc = subprocess.run([sys.executable, __file__, "--out", args.out, "--worker", backend,
+        proc = subprocess.run([sys.executable, __file__, "--worker", backend,
                                "--batch", str(args.batch), "--heads", str(args.heads), "--head_dim",
                                str(args.head_dim)], capture_output=True, text=True)
         runs.append(json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0
@@ -82,8 +83,9 @@ def main() -> None:
            "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16",
                       "mask": "bool causal & right padding", "lengths": LENGTHS, "timed": "forward + backward"},
            "runs": runs}
-    with open(args.out, "w") as f:
-        f.write(json.dumps(out, indent=2) + "\n")
+    path = runinfo.new_result_path(args.results_dir, out["date"], out["gpu"], "sdpa-first-call")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
     for run in runs:
         print(run["backend"], "failed" if run.get("failed") else
               " ".join(f"{c['length']}{'r' if c['repeat'] else ''}:{c['seconds']:.3f}" for c in run["calls"]))

@@ -488,11 +488,11 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     assert sorted(argv[0] for argv in recorded) == ["medlora"] * benches + ["pytest"] * 2 + ["python"]
     pytest_calls = [argv for argv in recorded if argv[0] == "pytest"]
     script_call = next(argv for argv in recorded if argv[0] == "python")
-    assert (ROOT / script_call[1]).is_file() and script_call[2] == "--out"
-    # off a GPU the script says so and exits non-zero: what it measures needs CUDA
-    refused = subprocess.run([sys.executable, script_call[1], "--out", str(tmp_path / "sdpa.json")], cwd=ROOT,
+    assert (ROOT / script_call[1]).is_file() and script_call[2:] == ["--results_dir", str(tmp_path / "results")]
+    # off a GPU the script says so and exits non-zero, writing nothing: what it measures needs CUDA
+    refused = subprocess.run([sys.executable, script_call[1], "--results_dir", str(tmp_path / "sdpa")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "NVIDIA GPU" in refused.stderr and not (tmp_path / "sdpa.json").exists()
+    assert refused.returncode == 1 and "NVIDIA GPU" in refused.stderr and not (tmp_path / "sdpa").exists()
     recorded = [argv for argv in recorded if argv[0] == "medlora"]
     tags, backends = [], set()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # validated as on the GPU machine

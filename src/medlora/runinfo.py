@@ -26,7 +26,10 @@ def versions() -> dict[str, Any]:
     import torch
 
     out["cuda"] = torch.version.cuda
-    out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    try:  # version() checks the cuDNN build against the GPUs: a mismatch is recorded, not raised into the run
+        out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except RuntimeError as err:
+        out["cudnn"] = f"unusable: {str(err)[:160]}"
     if out["mamba_ssm"] is None:  # backend fast's Triton ops come from medlora's kernel cache, not a package
         from medlora.kernels import MAMBA_SSM_VERSION, cached_mamba_ssm
 
