@@ -524,3 +524,25 @@ def test_the_gpu_bench_script_passes_flags_the_bench_accepts(tmp_path, monkeypat
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "nano-full-h200.sh"), "fastest"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown phase fastest" in bad.stderr
+
+
+def test_versions_record_the_cudnn_build_and_an_unusable_one_without_raising(monkeypatch):
+    """Every run records cuDNN: its version, None where torch has none, and the reason where torch refuses it
+    (a cuDNN that does not fit the GPUs): recording versions never stops a run."""
+    import torch
+
+    from medlora import runinfo
+
+    assert runinfo.versions()["cudnn"] == (torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                                           else None)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: False)
+    assert runinfo.versions()["cudnn"] is None
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+
+    def refused():
+        raise RuntimeError("cuDNN version 91900 is not compatible with devices with SM < 7.5. " + "x" * 500)
+
+    monkeypatch.setattr(torch.backends.cudnn, "version", refused)
+    recorded = runinfo.versions()
+    assert recorded["cudnn"].startswith("unusable: cuDNN version 91900") and len(recorded["cudnn"]) < 200
+    assert recorded["torch"] and "git_commit" in recorded  # the rest is still recorded
