@@ -71,6 +71,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.batch, args.heads, args.head_dim)))
         return
     from medlora import runinfo
+    from medlora.outputs import write_atomic
 
     runs = []
     for backend in BACKENDS:
@@ -84,7 +85,7 @@ def main() -> None:
                       "mask": "bool causal & right padding", "lengths": LENGTHS, "timed": "forward + backward"},
            "runs": runs}
     path = runinfo.new_result_path(args.results_dir, out["date"], out["gpu"], "sdpa-first-call")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_atomic(path, json.dumps(out, indent=2) + "\n")  # as the bench writes its JSON: never half-written
     print(f"wrote {path}")
     for run in runs:
         print(run["backend"], "failed" if run.get("failed") else
