@@ -6,17 +6,18 @@
 # Phases: fast (the headline row, 2 rounds x 20 steps); ab (fast against fast[-stream_padding]); levers and
 # levers-moe (the defaults less one lever each, two runs that each fit one 10-minute GPU job); opt-in (the defaults
 # and one opt-in lever: offload_checkpoints, compile_blocks); compile-blocks (fast[+compile_blocks] alone, 12 steps:
-# its per-step record of recompiles and slow steps; 197 s after other phases, stopped at 230 s twice (once on a fresh
-# machine), 2026-12-03: give it a GPU job of its own);
+# its per-step record of recompiles and slow steps; with Stream.derive_for 225 s after two other phases, 2026-12-03);
 # checkpointing (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines
-# (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM); quarter (nano-quarter, every backend; it
-# outran one 10-minute GPU job on 2026-12-03, README says how it was split); grouped-lora-quarter (the grouped-LoRA
-# MoE against PEFT's W + BA on nano-quarter, built on the GPU); profile-hftriton (a profile of hf+triton's slow step
-# on nano-quarter); sdpa-first-call (SDPA's first forward + backward at each new length, per backend:
-# benchmarks/sdpa_first_call.py); sdpa-cudnn-quarter (hf+triton on nano-quarter with SDPA's cuDNN backend on, then
-# off: two runs, since the switch is process-wide); gpu-tests
-# (the Triton kernel tests, ~5 min on a fresh machine, the opt-in lever cases, ~2.5 min for offload_checkpoints, and
-# the tiny 4-bit train, ~2 min; 2026-12-03) and gpu-tests-nano (fast against hf on nano-quarter, 4-7 min): the GPU
+# (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM; on a fresh machine it had built, saved and
+# loaded the model and not yet finished Unsloth's steps after 440 s, 2026-12-03); quarter (nano-quarter, every
+# backend; it outran one 10-minute GPU job on 2026-12-03, README says how it was split); grouped-lora-quarter (the
+# grouped-LoRA MoE against PEFT's W + BA on nano-quarter, built on the GPU); profile-hftriton (a profile of
+# hf+triton's slow step on nano-quarter); sdpa-first-call (SDPA's first forward + backward at each new length, per
+# backend: benchmarks/sdpa_first_call.py); sdpa-cudnn-quarter (hf+triton on nano-quarter with SDPA's cuDNN backend on,
+# then off: two runs, since the switch is process-wide) and sdpa-cudnn-full (the same on nano-full, off first; off is
+# what the bench and train now run for hf and hf+triton unless --sdpa_cudnn says); gpu-tests (the Triton kernel tests,
+# ~5 min on a fresh machine, the opt-in lever cases, ~2.5 min for offload_checkpoints and ~3 min for compile_blocks,
+# and the tiny 4-bit train, ~2 min; 2026-12-03) and gpu-tests-nano (fast against hf on nano-quarter, 4-7 min): the GPU
 # equivalence tests, their measured errors appended to RESULTS/gpu-tests-DATE.jsonl.
 # Each bench phase but checkpointing is one `medlora bench` run, so its rows compare within it.
 # MEDLORA: how to call the CLI (default `uv run medlora`); PYTEST: how to call pytest (default `uv run pytest`);
@@ -80,10 +81,15 @@ for phase in "$@"; do
         bench --model_spec nano-quarter --in_memory true --backends hf+triton --per_device_train_batch_size 16 \
           --rounds 1 --bench_steps 8 --bench_warmup_steps 3 --sdpa_cudnn $cudnn --tag "sdpa-cudnn-$cudnn"
       done ;;
+    sdpa-cudnn-full)  # the same on nano-full (built on the GPU, 67 GiB): ~70 s and ~90 s, 2026-12-03
+      for cudnn in false true; do
+        bench --model_spec nano-full --in_memory true --backends hf+triton --per_device_train_batch_size 16 \
+          --rounds 1 --bench_steps 8 --bench_warmup_steps 2 --sdpa_cudnn $cudnn --tag "hftriton-sdpa-cudnn-$cudnn"
+      done ;;
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
     *) echo "unknown phase $phase (fast ab levers levers-moe opt-in compile-blocks checkpointing baselines" \
-            "quarter grouped-lora-quarter profile-hftriton sdpa-first-call sdpa-cudnn-quarter gpu-tests" \
-            "gpu-tests-nano)" >&2; exit 2 ;;
+            "quarter grouped-lora-quarter profile-hftriton sdpa-first-call sdpa-cudnn-quarter sdpa-cudnn-full" \
+            "gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
   esac
 done

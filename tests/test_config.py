@@ -75,6 +75,40 @@ def test_sft_checks_know_the_backend(tmp_path):
     validate_sft(train, RunArguments(backend="fast"))  # fast keeps the sequence boundaries
 
 
+@pytest.mark.parametrize("spec, setting, expected", [
+    ("hf", None, False), ("hf+triton", None, False),  # the default: off where cuDNN builds a plan per length
+    ("unsloth", None, True), ("fast", None, True), ("fast[-varlen_attention]", None, True),  # torch's default
+    ("hf", True, True), ("hf+triton", True, True), ("fast", False, False), ("unsloth", False, False),  # as told
+])
+def test_sdpa_cudnn_is_off_for_the_hf_backends_unless_told(spec, setting, expected):
+    import torch
+
+    from medlora.backend import Backend
+    from medlora.backends import set_sdpa_cudnn
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default, whatever an earlier test left
+        assert set_sdpa_cudnn(Backend.parse(spec), setting) is expected
+        assert torch.backends.cuda.cudnn_sdp_enabled() is expected
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_sdpa_cudnn_is_a_flag_and_a_yaml_key(tmp_path):
+    from medlora.config import parse_config, training_sections
+
+    def run_args(argv):
+        *_, run, _ = parse_config(argv, training_sections())
+        return run
+
+    assert run_args(["--output_dir", str(tmp_path)]).sdpa_cudnn is None
+    assert run_args(["--output_dir", str(tmp_path), "--sdpa_cudnn", "true"]).sdpa_cudnn is True
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\nsdpa_cudnn: false\n")
+    assert run_args(["--config", str(cfg)]).sdpa_cudnn is False
+
+
 def test_the_backend_is_read_before_transformers_without_a_regex(tmp_path):
     from medlora.backends import requested_backend
 

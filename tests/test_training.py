@@ -35,6 +35,7 @@ def test_train_writes_adapter_and_metrics(cli_run):
     for key in ("train_loss", "eval_loss", "eval_accuracy", "base_eval_accuracy", "per_subject", "config", "versions"):
         assert key in metrics, key
     assert metrics["global_steps"] == 8 and metrics["audits"]["gradients"]["lora_tensors"] > 0
+    assert metrics["backend"] == "hf" and metrics["backend_report"]["sdpa_cudnn"] is False  # hf's default: off
     assert metrics["versions"]["transformers"] == "5.17.0" and metrics["versions"]["trl"] == "1.15.0"
     assert any("eval_accuracy" in entry for entry in metrics["log_history"])  # the callback logged accuracy
     adapter = out / "adapter"

@@ -120,6 +120,24 @@ def unsloth_report(model, log: str) -> dict[str, Any]:
     return {"log": lines[:60], "patched_module_classes": sorted(patched)[:40]}
 
 
+def set_sdpa_cudnn(backend: Backend, setting: bool | None) -> bool:
+    """Turn SDPA's cuDNN backend on or off for this process (torch's switch is process-wide) and return what holds.
+
+    None: off for hf and hf+triton, torch's default for the rest. On one H200 (2026-12-03, README) cuDNN attention
+    built a plan for each new sequence length (0.1-1.3 s), and hf+triton on nano-full ran 952 tokens/s with cuDNN
+    (slowest step 3.6x the median) against 1,707 without it (1.03x). Unsloth's best setting is not measured, so it
+    keeps torch's default; fast makes no SDPA call (varlen attention). Off, SDPA takes flash / mem-efficient / math,
+    as it does on an A100 anyway: torch ranks cuDNN first only on sm90 and sm100.
+    """
+    import torch
+
+    if setting is None and backend.name == "hf":
+        setting = False
+    if setting is not None:
+        torch.backends.cuda.enable_cudnn_sdp(setting)
+    return torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def load_for_training(backend: Backend, model_args: ModelArguments, lora_args: LoraArguments, *, max_length: int,
                       gradient_checkpointing: bool | tuple[str, ...], seed: int, device=None,
                       trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:

@@ -65,9 +65,10 @@ class BenchArguments:
         "help": "with --profile: which timed step to profile, 1 = the first (to see inside an outlier step the "
                 "JSON's steps[*] named); 0 = the last"})
     experts_implementation: str | None = field(default="grouped_mm", metadata={"help": "MoE experts kernel"})
-    sdpa_cudnn: bool = field(default=True, metadata={
-        "help": "false: every worker runs with SDPA's cuDNN backend off (torch.backends.cuda.enable_cudnn_sdp), "
-                "so the hf backends' attention takes flash / mem-efficient / math; fast has no SDPA call"})
+    sdpa_cudnn: bool | None = field(default=None, metadata={
+        "help": "SDPA's cuDNN backend in every worker (torch.backends.cuda.enable_cudnn_sdp): true / false for all; "
+                "default as `train` runs it, off for hf and hf+triton, torch's default for the rest "
+                "(medlora.backends.set_sdpa_cudnn); fast has no SDPA call"})
     data_path: str = field(default="../shared/data/medmcqa/dev.jsonl", metadata={"help": "MedMCQA-format file"})
     results_dir: str = field(default="benchmarks/results", metadata={"help": "where JSON/MD/PNG go"})
     model_cache_dir: str = field(default="outputs/bench-models", metadata={"help": "random-weight models saved here"})
@@ -335,11 +336,11 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
     from transformers import TrainerCallback
 
     from medlora import runinfo
+    from medlora.backends import set_sdpa_cudnn
     from medlora.trainer import build_trainer
 
     cuda = torch.cuda.is_available()
-    if not args.sdpa_cudnn:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide, and a worker is one backend's process
+    sdpa_cudnn = set_sdpa_cudnn(backend, args.sdpa_cudnn)  # process-wide, and a worker is one backend's process
     world = runinfo.world_size()
     device = torch.device("cuda", runinfo.local_rank()) if cuda else None
     started = time.time()
@@ -398,7 +399,7 @@ def run_worker(args: BenchArguments, lora: LoraArguments, spec: str) -> dict[str
         per_step.append((sum(lengths[k] for k in chunk), sum(trained[k] for k in chunk), padded))
     return {
         "backend": spec, "batch_size": batch, "world_size": world, "load_s": round(load_s, 1),
-        "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+        "sdpa_cudnn": sdpa_cudnn,
         "step_times": step_times,
         "step_causes": step_causes,
         "tokens_per_step": per_step[args.bench_warmup_steps:],
@@ -783,7 +784,7 @@ def summarise_backend(runs: list[dict[str, Any]], batch: int, gpu: str | None) -
         "params": first["params"],
         "load_s": [r["load_s"] for r in runs],
         "gradient_checkpointing": first["gradient_checkpointing"],
-        "sdpa_cudnn": first.get("sdpa_cudnn"),  # what the worker ran with (--sdpa_cudnn false turns it off)
+        "sdpa_cudnn": first.get("sdpa_cudnn"),  # what the worker ran with (default off for hf and hf+triton)
         "backend_report": first["backend_report"],
         **({"profiled_step": first["profiled_step"] + 1, "profile_top_kernels": first["profile_top_kernels"],
             "profile_breakdown": first["profile_breakdown"]} if first.get("profiled_step") is not None else {}),

@@ -205,6 +205,10 @@ class RunArguments:
     fast_checkpoint_blocks: list[str] = field(default_factory=lambda: list(CHECKPOINT_BLOCKS), metadata={
         "help": "backend fast with --gradient_checkpointing: which block kinds recompute their activations "
                 "(selective checkpointing), any of " + ", ".join(CHECKPOINT_BLOCKS)})
+    sdpa_cudnn: bool | None = field(default=None, metadata={
+        "help": "SDPA's cuDNN attention backend in training (torch.backends.cuda.enable_cudnn_sdp): default off "
+                "for --backend hf (on an H200 it made hf's attention build a plan per new length, and hf with the "
+                "Triton Mamba ops 1.8x slower), torch's default otherwise; fast makes no SDPA call"})
     fsdp2: bool = field(default=False, metadata={
         "help": "shard the model over the ranks with FSDP2 (fully_shard per block) when one GPU cannot hold a "
                 "replica; backend hf, under torchrun; checkpoints hold the adapter only (no resume)"})

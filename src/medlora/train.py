@@ -23,7 +23,7 @@ from transformers import EarlyStoppingCallback
 from medlora import runinfo
 from medlora.audit import run_audits, zero_weight_rows
 from medlora.backend import Backend
-from medlora.backends import load_for_training
+from medlora.backends import load_for_training, set_sdpa_cudnn
 from medlora.config import DataArguments, LoraArguments, ModelArguments, RunArguments, to_dict, validate
 from medlora.data import describe_format, format_issues, load_training_data, resolve_format, tokenize_rows
 from medlora.errors import Interrupted, MedloraError
@@ -230,12 +230,14 @@ def _load(backend: Backend, model_args, lora_args, run_args, train_args, phases:
     checkpointing = train_args.gradient_checkpointing
     if backend.is_fast and checkpointing:
         checkpointing = tuple(run_args.fast_checkpoint_blocks)  # selective: only these block kinds recompute
+    sdpa_cudnn = set_sdpa_cudnn(backend, run_args.sdpa_cudnn)  # before Unsloth or transformers build anything
     t0 = time.time()
     model, tokenizer, report = load_for_training(
         backend, model_args, lora_args, max_length=train_args.max_length or 2048,
         gradient_checkpointing=checkpointing, seed=train_args.seed, device=None if run_args.fsdp2 else device,
         trust_remote_code=train_args.trust_remote_code)
     phases.event("load", time.time() - t0)
+    report = {**report, "sdpa_cudnn": sdpa_cudnn}
     if run_args.fsdp2:
         from medlora.fsdp import shard_model
 
