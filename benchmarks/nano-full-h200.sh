@@ -9,7 +9,8 @@
 # its per-step record of recompiles and slow steps; with Stream.derive_for 225 s after two other phases, 2026-12-03);
 # checkpointing (which block kinds are recomputed: all, moe, mamba, none; one run per setting, batch 64); baselines
 # (unsloth and hf+triton on a model saved to /dev/shm, ~63 GB of RAM; on a fresh machine it had built, saved and
-# loaded the model and not yet finished Unsloth's steps after 440 s, 2026-12-03); quarter (nano-quarter, every
+# loaded the model and not yet finished Unsloth's steps after 440 s, 2026-12-03); baselines-cudnn-off (the same
+# with SDPA's cuDNN backend off in both: Unsloth's best setting); quarter (nano-quarter, every
 # backend; it outran one 10-minute GPU job on 2026-12-03, README says how it was split); grouped-lora-quarter (the
 # grouped-LoRA MoE against PEFT's W + BA on nano-quarter, built on the GPU); profile-hftriton (a profile of
 # hf+triton's slow step on nano-quarter); sdpa-first-call (SDPA's first forward + backward at each new length, per
@@ -66,6 +67,10 @@ for phase in "$@"; do
     baselines) bench --model_spec nano-full --model_cache_dir "$SHM" --backends unsloth hf+triton \
                  --per_device_train_batch_size 16 --rounds 1 --bench_steps 8 --bench_warmup_steps 2 \
                  --tag unsloth-hftriton ;;
+    baselines-cudnn-off)  # the same two with SDPA's cuDNN backend off in both (unsloth's default leaves it on)
+      bench --model_spec nano-full --model_cache_dir "$SHM" --backends unsloth hf+triton \
+        --per_device_train_batch_size 16 --rounds 1 --bench_steps 8 --bench_warmup_steps 2 --sdpa_cudnn false \
+        --tag unsloth-hftriton-sdpa-cudnn-false ;;
     quarter) bench --model_spec nano-quarter --model_cache_dir "$SHM" --backends fast hf+triton unsloth hf \
                --per_device_train_batch_size 16 --backend_batch_size fast=256 --rounds 1 --bench_steps 8 \
                --bench_warmup_steps 3 --tag quarter ;;
@@ -89,6 +94,7 @@ for phase in "$@"; do
     gpu-tests) gpu_tests "${KERNEL_TESTS[@]}" 'tests/test_gpu.py::test_tiny_train_and_eval_bf16[fast-True]' ;;
     gpu-tests-nano) gpu_tests tests/test_gpu_fast.py -k nano_quarter ;;
     *) echo "unknown phase $phase (fast ab levers levers-moe opt-in compile-blocks checkpointing baselines" \
+            "baselines-cudnn-off" \
             "quarter grouped-lora-quarter profile-hftriton sdpa-first-call sdpa-cudnn-quarter sdpa-cudnn-full" \
             "gpu-tests gpu-tests-nano)" >&2; exit 2 ;;
   esac
