@@ -125,8 +125,9 @@ def set_sdpa_cudnn(backend: Backend, setting: bool | None) -> bool:
 
     None: off for hf and hf+triton, torch's default for the rest. On one H200 (2026-12-03, README) cuDNN attention
     built a plan for each new sequence length (0.1-1.3 s), and hf+triton on nano-full ran 952 tokens/s with cuDNN
-    (slowest step 3.6x the median) against 1,707 without it (1.03x). Unsloth's best setting is not measured, so it
-    keeps torch's default; fast makes no SDPA call (varlen attention). Off, SDPA takes flash / mem-efficient / math,
+    (slowest step 3.6x the median) against 1,707 without it (1.03x). Unsloth gains little (288 tokens/s off on
+    2026-12-04 against 280 with torch's default on 2026-12-02), so it keeps torch's default; fast makes no SDPA
+    call (varlen attention). Off, SDPA takes flash / mem-efficient / math,
     as it does on an A100 anyway: torch ranks cuDNN first only on sm90 and sm100.
     """
     import torch
